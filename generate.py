@@ -1,0 +1,154 @@
+"""Generate answers to GSM8K-style questions with a model, in batches, resumably.
+
+    python generate.py --model out/M0 --style cot data/gsm8k/test.jsonl --limit 50 -o gen/cot-M0.jsonl
+    python generate.py --model embedded --style chat --limit 5 data/gsm8k/test.jsonl | python score.py - > scored.jsonl
+    head -3 data/gsm8k/test.jsonl | python generate.py --model embedded --style direct - -o -
+
+Input records need `id` and `question`; every other field (the gold `answer`, say) passes through. Each output
+record adds: style, model, prompt, output, prompt_tokens, new_tokens (the EOS included), stop ('eos', 'length'
+or 'stop' for a stop string), seconds (the batch's wall time shared evenly among its rows). Prompts run
+longest-first in batches, so rows of similar length pad little. An interrupted run keeps what it finished in
+OUT.part; the same command again continues there. A summary (wall time, tokens/s, peak memory, non-zero
+parameters) goes to OUT.summary.json, or to --summary.
+"""
+import argparse
+import os
+
+import torch
+from tqdm import tqdm
+
+from common import (DTYPES, CotpruneError, JsonlAppender, Timer, decode, describe_runtime, load_model,
+                    load_tokenizer, log, model_source, param_counts, peak_memory_mb, read_jsonl, require_fields,
+                    resolve_device, resolve_dtype, run_cli, set_seed, write_json)
+
+CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
+    "cot": {"template": "Solve this step by step: Question: {q} Step 1:", "max_new_tokens": 150,
+            "stop": ["\nQuestion:"]},
+    "direct": {"template": "Question: {q} Answer:", "max_new_tokens": 30, "stop": ["\nQuestion:"]},
+    "chat": {"template": None, "max_new_tokens": 512, "stop": []},
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("input", nargs="?", default="-", help="JSONL of {id, question, ...}; - = stdin")
+    p.add_argument("--model", required=True, help="hub id, model folder, .gguf file, or 'embedded'")
+    p.add_argument("-o", "--out", default="-", help="output JSONL; - = stdout (no resume)")
+    p.add_argument("--style", choices=sorted(STYLES), default="cot", help="prompt protocol")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="generation cap; 0 = the style's (150/30/512)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string, repeatable (cut from the output); default: the style's ('\\nQuestion:' "
+                        "for cot and direct, none for chat)")
+    p.add_argument("--no-stop", action="store_true", help="use no stop strings at all")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--limit", type=int, default=0, help="first N input records; 0 = all")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--summary", default=None, help="summary JSON path; default OUT.summary.json (none for stdout)")
+    p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype; auto = bfloat16 (float16 on mps)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                   help="allow model code from the hub")
+    return p
+
+
+def build_prompt(tokenizer, style, question):
+    """(prompt text, token ids). The chat style's template already holds the special tokens."""
+    if style == "chat":
+        if not tokenizer.chat_template:
+            raise CotpruneError("--style chat needs a tokenizer with a chat template; use cot or direct")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{CHAT_INSTRUCTION}"}],
+                                             add_generation_prompt=True, tokenize=False)
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = STYLES[style]["template"].format(q=question)
+    return text, tokenizer(text)["input_ids"]
+
+
+def eos_token_ids(model, tokenizer):
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def stop_checker(tokenizer, stops):
+    """stop_fn for common.decode: is a stop string in the last few decoded tokens of a row?"""
+    if not stops:
+        return None
+    window = 2 + max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops)
+    return lambda row, ids: any(s in tokenizer.decode(ids[-window:]) for s in stops)
+
+
+def finish_text(tokenizer, ids, reason, eos_ids, stops):
+    """Decoded output without the EOS, cut at the first stop string."""
+    text = tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def summarize(records, model_name, style, runtime, counts, batch_size, max_new_tokens, peak_mb):
+    seconds = sum(r["seconds"] for r in records)
+    new_tokens = sum(r["new_tokens"] for r in records)
+    total, nonzero, nbytes = counts
+    return {"stage": "generate", "model": model_name, "style": style, "n": len(records), **runtime,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seconds": seconds,
+            "seconds_per_problem": seconds / max(len(records), 1), "new_tokens": new_tokens,
+            "tokens_per_s": new_tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_mb,
+            "params": total, "nonzero_params": nonzero, "param_mb": nbytes / 2**20,
+            "nonzero_mb": nbytes / total * nonzero / 2**20,
+            "cutoff_rate": sum(r["stop"] == "length" for r in records) / max(len(records), 1)}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise CotpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    problems = read_jsonl(args.input, args.limit)
+    require_fields(problems, ["id", "question"], args.input)
+    model_source(args.model)  # a missing model fails here, before any work
+    style = STYLES[args.style]
+    max_new = args.max_new_tokens or style["max_new_tokens"]
+    stops = [] if args.no_stop else (args.stop if args.stop is not None else style["stop"])
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    set_seed(args.seed)
+    runtime = describe_runtime(device, dtype, args.seed)
+    out = JsonlAppender(args.out)
+    todo = [p for p in problems if p["id"] not in out.done]
+    if out.done:
+        log(f"resuming: {len(out.done)} of {len(problems)} already in {args.out}.part")
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_model(args.model, device, dtype, args.trust_remote_code)
+    eos_ids, stop_fn = eos_token_ids(model, tok), stop_checker(tok, stops)
+    generator = torch.Generator(device).manual_seed(args.seed) if args.temperature > 0 else None
+    prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in todo}
+    todo.sort(key=lambda p: -len(prompts[p["id"]][1]))  # longest first: similar lengths share a batch
+    with tqdm(total=len(todo), desc=f"generate {args.style}", unit="q", disable=None) as bar:
+        for i in range(0, len(todo), args.batch_size):
+            batch = todo[i: i + args.batch_size]
+            with Timer() as t:
+                results = decode(model, [prompts[p["id"]][1] for p in batch], max_new, eos_ids, tok.pad_token_id,
+                                 stop_fn, args.temperature, args.top_k, args.top_p, generator)
+            out.write([{**p, "style": args.style, "model": args.model, "prompt": prompts[p["id"]][0],
+                        "output": finish_text(tok, ids, reason, eos_ids, stops),
+                        "prompt_tokens": len(prompts[p["id"]][1]), "new_tokens": len(ids), "stop": reason,
+                        "seconds": t.seconds / len(batch)} for p, (ids, reason) in zip(batch, results)])
+            bar.update(len(batch))
+    order = {p["id"]: k for k, p in enumerate(problems)}
+    records = sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]])
+    out.finish(records)
+    summary = summarize(records, args.model, args.style, runtime, param_counts(model), args.batch_size, max_new,
+                        peak_memory_mb(device))
+    log(f"{summary['n']} answers, {summary['new_tokens']} tokens in {summary['seconds']:.1f}s "
+        f"({summary['tokens_per_s']:.1f} tok/s), peak {summary['peak_memory_mb']:.0f} MiB")
+    summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
+    if summary_path:
+        write_json(summary_path, summary)
+
+
+if __name__ == "__main__":
+    run_cli(main)

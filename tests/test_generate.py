@@ -1,0 +1,130 @@
+"""generate.py and common.decode: same greedy tokens as model.generate, resumable, stop strings, summary."""
+import json
+
+import pytest
+import torch
+
+import common
+import generate
+from common import decode, load_model, load_tokenizer
+from conftest import run_script
+
+
+def problems_file(tmp_path, n=6):
+    path = tmp_path / "problems.jsonl"
+    with open("data/gsm8k/test.jsonl") as f:
+        path.write_text("".join(next(f) for _ in range(n)))
+    return str(path)
+
+
+@pytest.mark.parametrize("drop_finished", [True, False])
+def test_decode_matches_model_generate(tiny_model_dir, drop_finished):
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, torch.device("cpu"), torch.float32)
+    prompts = [tok(t)["input_ids"] for t in ["Tom has 3 apples.", "A", "How many eggs does a duck lay in a week?"]]
+    # a made-up EOS that the random model emits early for some rows, so rows finish at different steps
+    first = [decode(model, [p], 12, set(), tok.pad_token_id)[0][0] for p in prompts]
+    eos = {first[1][2]} if drop_finished else set()
+    ours = decode(model, prompts, 12, eos, tok.pad_token_id)
+    pad = tok.pad_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         eos_token_id=sorted(eos) or None, pad_token_id=pad)[:, width:].tolist()
+    for (out, reason), want in zip(ours, ref):
+        if reason == "eos":
+            assert out == want[: len(out)] and all(t == pad for t in want[len(out):])
+        else:
+            assert out == want and reason == "length"
+    if drop_finished:
+        assert any(r == "eos" for _, r in ours) and any(r == "length" for _, r in ours)
+
+
+def test_sampling_is_deterministic_for_a_seed(tiny_llama):
+    tok = load_tokenizer(tiny_llama)
+    model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    p = [tok("Tom has 3 apples.")["input_ids"]] * 3
+    run = lambda seed: decode(model, p, 10, set(), tok.pad_token_id, temperature=0.7, top_k=50, top_p=0.9,
+                              generator=torch.Generator().manual_seed(seed))
+    assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_generate_stage_outputs_and_summary(tmp_path, tiny_llama):
+    src = problems_file(tmp_path)
+    out = tmp_path / "gen.jsonl"
+    generate.main(["--model", tiny_llama, "--style", "cot", "--max-new-tokens", "8", "--batch-size", "4",
+                   src, "-o", str(out)])
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    inputs = [json.loads(x) for x in open(src)]
+    assert [r["id"] for r in recs] == [p["id"] for p in inputs]  # input order, though run longest-first
+    for r, p in zip(recs, inputs):
+        assert r["answer"] == p["answer"]  # unknown fields pass through
+        assert r["prompt"] == f"Solve this step by step: Question: {p['question']} Step 1:"
+        assert r["stop"] in ("eos", "length", "stop") and 1 <= r["new_tokens"] <= 8
+    summary = json.loads((tmp_path / "gen.summary.json").read_text())
+    assert summary["n"] == 6 and summary["new_tokens"] == sum(r["new_tokens"] for r in recs)
+    assert 0 < summary["nonzero_params"] <= summary["params"] and summary["tokens_per_s"] > 0
+
+
+def test_interrupted_run_resumes_without_repeating(tmp_path, tiny_llama, monkeypatch):
+    src = problems_file(tmp_path, 7)
+    out = tmp_path / "gen.jsonl"
+    argv = ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "4", "--batch-size", "3", src,
+            "-o", str(out)]
+    real, calls = common.decode, []
+
+    def dies_on_second_batch(model, prompts, *a, **k):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, prompts, *a, **k)
+
+    monkeypatch.setattr(generate, "decode", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(argv)
+    assert not out.exists() and len((tmp_path / "gen.jsonl.part").read_text().splitlines()) == 3
+    with open(tmp_path / "gen.jsonl.part", "a") as f:
+        f.write('{"id": "torn')  # a write cut short by the interruption
+    calls.clear()
+    monkeypatch.setattr(generate, "decode", lambda model, prompts, *a, **k: calls.append(len(prompts)) or
+                        real(model, prompts, *a, **k))
+    generate.main(argv)
+    assert calls == [3, 1]  # only the 4 missing problems were generated
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert ids == [json.loads(x)["id"] for x in open(src)] and not (tmp_path / "gen.jsonl.part").exists()
+
+
+def test_stop_string_cuts_output(tmp_path, tiny_llama):
+    src = problems_file(tmp_path, 2)
+    run = lambda name, *flags: generate.main(["--model", tiny_llama, "--style", "cot", "--max-new-tokens", "20",
+                                              *flags, src, "-o", str(tmp_path / name)]) or \
+        json.loads((tmp_path / name).read_text().splitlines()[0])
+    free = run("free.jsonl", "--no-stop")
+    stop = free["output"][4:7]  # a string the (random, seeded) model is known to produce
+    assert stop.strip() and free["stop"] == "length"
+    cut = run("cut.jsonl", "--stop", stop)
+    assert cut["stop"] == "stop" and cut["new_tokens"] < free["new_tokens"]
+    assert cut["output"] == free["output"][: free["output"].find(stop)]
+
+
+def test_chat_prompt_uses_the_template(tmp_path, tiny_llama):
+    out = tmp_path / "chat.jsonl"
+    generate.main(["--model", tiny_llama, "--style", "chat", "--max-new-tokens", "2", problems_file(tmp_path, 1),
+                   "-o", str(out)])
+    prompt = json.loads(out.read_text())["prompt"]
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert generate.CHAT_INSTRUCTION in prompt
+
+
+def test_pipe_to_stdout_and_bad_input(tmp_path, tiny_llama):
+    src = problems_file(tmp_path, 2)
+    r = run_script("generate.py", "--model", tiny_llama, "--style", "direct", "--max-new-tokens", "3", "-",
+                   stdin=open(src).read())
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "question": "q"}\n[1, 2]\n')
+    r = run_script("generate.py", "--model", tiny_llama, str(bad), "-o", str(tmp_path / "o.jsonl"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"generate.py: error: {bad}:2: expected a JSON object, got list"
+    assert not list(tmp_path.glob("o.jsonl*"))
