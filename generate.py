@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from common import (DTYPES, CotpruneError, JsonlAppender, Timer, decode, describe_runtime, load_model,
                     load_tokenizer, log, model_source, param_counts, peak_memory_mb, read_jsonl, require_fields,
-                    resolve_device, resolve_dtype, run_cli, set_seed, write_json)
+                    resolve_device, resolve_dtype, run_cli, set_seed, write_json, fast_linears)
 
 CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
@@ -90,6 +90,19 @@ def finish_text(tokenizer, ids, reason, eos_ids, stops):
     return text[: min(cuts)] if cuts else text
 
 
+def plan_batches(problems, prompts, batch_size, done):
+    """[(plan index, batch)] of the problems not yet done, longest prompt first so that a batch pads little.
+
+    The plan covers every problem and only then skips finished batches, so a resumed run batches exactly as an
+    uninterrupted one: in bfloat16 a row's tokens can depend on the rows it shares a batch with. Sampling
+    reseeds per plan index for the same reason.
+    """
+    ordered = sorted(problems, key=lambda p: -len(prompts[p["id"]][1]))
+    plan = [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return [(k, [p for p in batch if p["id"] not in done]) for k, batch in enumerate(plan)
+            if any(p["id"] not in done for p in batch)]
+
+
 def summarize(records, model_name, style, runtime, counts, batch_size, max_new_tokens, peak_mb):
     seconds = sum(r["seconds"] for r in records)
     new_tokens = sum(r["new_tokens"] for r in records)
@@ -118,18 +131,19 @@ def main(argv=None):
     set_seed(args.seed)
     runtime = describe_runtime(device, dtype, args.seed)
     out = JsonlAppender(args.out)
-    todo = [p for p in problems if p["id"] not in out.done]
     if out.done:
         log(f"resuming: {len(out.done)} of {len(problems)} already in {args.out}.part")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
     eos_ids, stop_fn = eos_token_ids(model, tok), stop_checker(tok, stops)
-    generator = torch.Generator(device).manual_seed(args.seed) if args.temperature > 0 else None
-    prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in todo}
-    todo.sort(key=lambda p: -len(prompts[p["id"]][1]))  # longest first: similar lengths share a batch
-    with tqdm(total=len(todo), desc=f"generate {args.style}", unit="q", disable=None) as bar:
-        for i in range(0, len(todo), args.batch_size):
-            batch = todo[i: i + args.batch_size]
+    generator = torch.Generator(device) if args.temperature > 0 else None
+    prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in problems}
+    batches = plan_batches(problems, prompts, args.batch_size, out.done)
+    with tqdm(total=sum(len(b) for _, b in batches), desc=f"generate {args.style}", unit="q", disable=None) as bar, \
+            fast_linears(model):
+        for k, batch in batches:
+            if generator is not None:
+                generator.manual_seed(args.seed * 1_000_003 + k)
             with Timer() as t:
                 results = decode(model, [prompts[p["id"]][1] for p in batch], max_new, eos_ids, tok.pad_token_id,
                                  stop_fn, args.temperature, args.top_k, args.top_p, generator)

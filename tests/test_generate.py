@@ -128,3 +128,37 @@ def test_pipe_to_stdout_and_bad_input(tmp_path, tiny_llama):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"generate.py: error: {bad}:2: expected a JSON object, got list"
     assert not list(tmp_path.glob("o.jsonl*"))
+
+
+def test_fast_linears_same_tokens_and_restores(tiny_llama):
+    tok = load_tokenizer(tiny_llama)
+    model = load_model(tiny_llama, torch.device("cpu"), torch.bfloat16)
+    prompts = [tok(t)["input_ids"] for t in ["Tom has 3 apples.", "How many eggs?"]]
+    plain = decode(model, prompts, 10, set(), tok.pad_token_id)
+    with common.fast_linears(model):
+        assert any("forward" in vars(m) for m in model.modules())  # really swapped in (oneDNN is on this CPU)
+        packed = decode(model, prompts, 10, set(), tok.pad_token_id)
+    assert packed == plain
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_resumed_sampling_equals_uninterrupted(tmp_path, tiny_llama, monkeypatch):
+    src = problems_file(tmp_path, 5)
+    argv = lambda out: ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2",
+                        "--temperature", "1.0", "--seed", "3", src, "-o", str(tmp_path / out)]
+    generate.main(argv("whole.jsonl"))
+    real, calls = common.decode, []
+
+    def dies_on_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generate, "decode", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(argv("resumed.jsonl"))
+    monkeypatch.setattr(generate, "decode", real)
+    generate.main(argv("resumed.jsonl"))
+    outputs = lambda name: [json.loads(x)["output"] for x in (tmp_path / name).read_text().splitlines()]
+    assert outputs("resumed.jsonl") == outputs("whole.jsonl")
