@@ -15,6 +15,15 @@ STYLES ?= direct cot
 BATCH ?= 16
 DTYPE ?= auto
 DEVICE ?= auto
+# reasoning-aware compression study (make rac)
+RAC_SPARSITIES ?= 0.3 0.4 0.5
+RAC_NM ?= 2:4
+RAC_N ?= 16
+RAC_TOKENS ?= 512
+CALIB_SAMPLES ?= 16
+SEQLEN ?= 512
+CALIB_TOKENS ?= 10000
+HELDOUT_TOKENS ?= 4096
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,17 +40,26 @@ ALL_SP := 0 $(SPARSITIES)
 GEN_FLAGS := --limit $(N) --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE)
 SCORES := $(foreach st,$(STYLES),$(foreach sp,$(ALL_SP),$(RUN)/scores/$(st)/s$(sp).jsonl))
 
-.PHONY: help all study smoke test test-slow bench venv clean
+RAC := $(OUT)/rac
+RAC_LEVELS := $(RAC_SPARSITIES) $(subst :,of,$(RAC_NM))
+RAC_METHODS := magnitude-none wanda-text sparsegpt-text sparsegpt-prompts sparsegpt-traces wanda-traces
+RAC_NAMES := $(foreach m,$(RAC_METHODS),$(foreach l,$(RAC_LEVELS),$(m)-$(l)))
+RAC_EVAL := $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/scores/$(n).summary.json $(RAC)/ppl/$(n).summary.json)
+
+.PHONY: help all study rac smoke test test-slow bench venv clean
 ## help: list the targets
 help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
-## all: set up .venv, convert the model once, run the magnitude study, write $(OUT)/report.md
+## all: set up .venv, convert the model once, run both studies, write $(OUT)/report.md
 all: $(OUT)/report.md
 	@echo "report: $(OUT)/report.md"
 
-## study: the magnitude-pruning faithfulness study alone (what `all` runs today)
+## study: the magnitude-pruning faithfulness study alone
 study: $(RUN)/magnitude/report.md
+
+## rac: the reasoning-aware compression study alone (SparseGPT/Wanda on text, prompts, own traces)
+rac: $(RAC)/n$(RAC_N)/report.md
 
 ## venv: create .venv with the pinned run-time and test dependencies
 venv: $(VENV)/.installed
@@ -73,7 +91,43 @@ $(RUN)/magnitude/report.md: $(SCORES) correlate.py common.py
 	$(PY) correlate.py --base $(MODELS)/s0 --models $(addprefix $(MODELS)/s,$(ALL_SP)) -o $(@D) \
 	  --summaries $(SCORES:.jsonl=.summary.json) $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
 
-$(OUT)/report.md: $(RUN)/magnitude/report.md
+# ---- reasoning-aware compression: calibration sets, pruned models, chat evaluation, trace perplexity
+$(RAC)/calib/traces.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+	$(PY) calibrate.py --model $(MODELS)/s0 --source traces --tokens $(CALIB_TOKENS) -o $@
+$(RAC)/calib/prompts.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+	$(PY) calibrate.py --model $(MODELS)/s0 --source prompts --tokens $(CALIB_TOKENS) -o $@
+$(RAC)/calib/text.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+	$(PY) calibrate.py --model $(MODELS)/s0 --source text --tokens $(CALIB_TOKENS) -o $@
+# held-out traces: the last 500 train problems, never used for calibration
+$(RAC)/calib/heldout.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+	tail -n 500 data/gsm8k/train.jsonl | $(PY) calibrate.py --model $(MODELS)/s0 --source traces - \
+	  --tokens $(HELDOUT_TOKENS) --seed 1 -o $@
+
+level_flag = $(if $(findstring of,$(1)),--nm $(subst of,:,$(1)),--sparsity $(1))
+calib_flag = $(if $(filter none,$(1)),,--calib $(RAC)/calib/$(1).jsonl --n-samples $(CALIB_SAMPLES) --seqlen $(SEQLEN))
+define RAC_MODEL
+$(RAC)/models/$(1)-$(2)-$(3)/config.json: $(MODELS)/s0/config.json $(if $(filter none,$(2)),,$(RAC)/calib/$(2).jsonl) prune.py common.py
+	$(PY) prune.py --model $(MODELS)/s0 --method $(1) $(call level_flag,$(3)) $(call calib_flag,$(2)) -o $$(@D)
+endef
+$(foreach m,$(RAC_METHODS),$(foreach l,$(RAC_LEVELS),$(eval $(call RAC_MODEL,$(word 1,$(subst -, ,$(m))),$(word 2,$(subst -, ,$(m))),$(l)))))
+
+$(RAC)/models/dense/config.json: $(MODELS)/s0/config.json
+	mkdir -p $(RAC)/models && ln -sfn $(abspath $(MODELS)/s0) $(RAC)/models/dense
+
+$(RAC)/n$(RAC_N)/gen/%.jsonl: $(RAC)/models/%/config.json data/gsm8k/test.jsonl generate.py common.py
+	$(PY) generate.py --model $(RAC)/models/$* --style chat --max-new-tokens $(RAC_TOKENS) --limit $(RAC_N) \
+	  --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE) data/gsm8k/test.jsonl -o $@
+$(RAC)/n$(RAC_N)/scores/%.summary.json: $(RAC)/n$(RAC_N)/gen/%.jsonl score.py common.py
+	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
+$(RAC)/ppl/%.summary.json: $(RAC)/models/%/config.json $(RAC)/calib/heldout.jsonl generate.py common.py
+	$(PY) generate.py --model $(RAC)/models/$* --perplexity $(RAC)/calib/heldout.jsonl --dtype $(DTYPE) \
+	  --device $(DEVICE) -o $(@:.summary.json=.jsonl)
+
+$(RAC)/n$(RAC_N)/report.md: $(RAC_EVAL) correlate.py common.py
+	$(PY) correlate.py --study rac --base $(RAC)/models/dense --models $(addprefix $(RAC)/models/,$(RAC_NAMES)) \
+	  --summaries $(RAC_EVAL) $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/gen/$(n).summary.json) -o $(@D)
+
+$(OUT)/report.md: $(RUN)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md
 	{ echo "# cotprune report: $(SLUG)"; echo; \
 	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, batch $(BATCH), dtype $(DTYPE); made $$(date -u +%F) on" \
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
@@ -82,7 +136,8 @@ $(OUT)/report.md: $(RUN)/magnitude/report.md
 ## smoke: the whole chain on a tiny random model (about a minute)
 smoke: $(VENV)/.installed
 	$(PY) tests/tiny.py out/smoke/tiny-llama
-	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.3 0.5" BATCH=4
+	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.3 0.5" BATCH=4 \
+	  RAC_SPARSITIES=0.5 RAC_N=4 RAC_TOKENS=32 CALIB_SAMPLES=4 SEQLEN=64 CALIB_TOKENS=400 HELDOUT_TOKENS=200
 
 ## test: the test suite, offline, CPU only (a few minutes)
 test: $(VENV)/.installed

@@ -6,6 +6,7 @@ project. Nothing here is a pruning or scoring algorithm; it is the plumbing thos
     JSONL      read_jsonl / write_jsonl / JsonlAppender   ('-' is stdin/stdout, errors name file and line)
     files      atomic_open / write_json                   (write X.tmp beside X, then os.replace)
     models     load_model / load_tokenizer / save_model_folder / read_checkpoint_meta / block_linears
+    layers     decoder_layers / capture_block_inputs          (the layer-capture idiom, written once)
     runtime    resolve_device / resolve_dtype / set_seed / peak_memory_mb / param_counts
     decoding   decode                                      (batched greedy or sampled generation)
 """
@@ -353,6 +354,45 @@ def block_linears(model):
     return [(f"{prefix}.{n}", m) for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
+def capture_block_inputs(model, windows, device):
+    """Hidden states entering decoder block 0 for each window, and the keyword arguments the model passes its blocks.
+
+    windows: LongTensor [n, T] of real tokens (no padding). Returns (inputs [n, T, d] on the CPU, kwargs on `device`).
+    Only the modules around the blocks (embeddings, rotary tables, norms) go to `device`; the blocks stay where they
+    are, so a driver can bring one block at a time. The kwargs come from a batch of one window: rotary tables and
+    the causal mask then broadcast over any batch of windows of the same length.
+    """
+    import torch
+    layers = decoder_layers(model)
+    parent = next(m for m in model.modules() if any(c is layers for c in m.children()))
+    for child in parent.children():
+        if child is not layers:
+            child.to(device)
+
+    class Caught(Exception):
+        pass
+
+    inputs, kwargs = [], {}
+
+    def grab(module, args, kw):
+        inputs.append((args[0] if args else kw["hidden_states"]).detach().cpu())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise Caught
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                try:
+                    parent(input_ids=w[None].to(device), use_cache=False)
+                except Caught:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(inputs), kwargs
+
+
 def _stamp_safetensors(path, meta):
     """Add string metadata to a .safetensors header; the tensor bytes are copied unchanged."""
     with open(path, "rb") as src:
@@ -415,6 +455,30 @@ def tensor_index(folder):
 
 
 # -------------------------------------------------------------------------------------------------- decoding
+
+CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def chat_prompt(tokenizer, question):
+    """(text, token ids) of a question in the model's chat template with the step-by-step instruction.
+
+    One format for evaluation (generate.py --style chat), calibration traces and recovery data.
+    """
+    if not tokenizer.chat_template:
+        raise CotpruneError("the chat format needs a tokenizer with a chat template; this model has none")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{CHAT_INSTRUCTION}"}],
+                                         add_generation_prompt=True, tokenize=False)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eos_token_ids(model, tokenizer):
+    """Every token id that ends a generation: the generation config's (one or a list) and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
 
 def _pick(logits, temperature, top_k, top_p, generator):
     """Next tokens [B] from logits [B, V]: argmax when temperature is 0, else HF-style warped sampling."""

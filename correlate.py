@@ -3,6 +3,7 @@
     python correlate.py --base out/M0 --models out/s0.1 out/s0.5 --summaries gen/*.summary.json \\
         scores/*.summary.json -o out/magnitude
     python correlate.py --base out/M0 --models out/s0.* -o out/sim            # similarity only, no scores
+    python correlate.py --study rac --base out/M0 --models out/rac/* --summaries out/rac/*/*.summary.json -o out/rac
 
 For each pruned model: cosine, L1 and L2 distance, linear CKA (asand eq. 6) and ASAND with its components
 (Appendix B, eqs. 7-12) over the flattened weights of the matrices prune.py pruned (from its prune_report.json),
@@ -10,6 +11,11 @@ streamed one tensor at a time. Then Pearson (PLCC), Spearman (SRCC) and Kendall 
 metric and dF = F(M0) - F(Mp) over the pruned models, per prompt style, from score.py's summaries; the base's
 summaries must be among them. Writes similarity.json, correlations.json, histograms.json (256 bins over
 [-0.1, 0.1]), report.md (the paper's Tables 1 and 2 with its own figures beside) and, with matplotlib, PNGs.
+
+--study rac skips the weights and tabulates the reasoning-aware compression study instead: for each method and
+calibration source (from each model's prune_report.json) and each sparsity, the chat-prompt accuracy, generated
+tokens, share cut off at the cap, trap rate, F and the perplexity of the dense model's held-out traces (rac.json,
+report.md).
 """
 import argparse
 import math
@@ -48,6 +54,7 @@ def build_parser():
     p.add_argument("--summaries", nargs="*", default=[],
                    help="generate.py and score.py summary JSONs for the base and the pruned models")
     p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--study", choices=("magnitude", "rac"), default="magnitude", help="which report to write")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                    help="draw PNG figures (needs matplotlib; skipped with a note if it is missing)")
     return p
@@ -321,6 +328,56 @@ def _save(fig, out, name):
     return name
 
 
+RAC_LABELS = {("magnitude", ""): "magnitude", ("wanda", "text"): "Wanda, generic text",
+              ("sparsegpt", "text"): "SparseGPT, generic text", ("sparsegpt", "prompts"): "SparseGPT, prompt-only",
+              ("sparsegpt", "traces"): "SparseGPT, own traces (RAC)", ("wanda", "traces"): "Wanda, own traces (RAC)"}
+RAC_COLUMNS = [("accuracy", "score", "accuracy", 3), ("mean tokens", "score", "mean_new_tokens", 0),
+               ("cut off", "score", "cutoff_rate", 2), ("traps", "score", "trap_rate", 2), ("F", "score", "F", 3),
+               ("trace ppl", "perplexity", "perplexity", 2)]
+PAPER_RAC = [  # the RAC paper's MATH-500 accuracy, one-shot SparseGPT (second-hand, pruners-notes.md)
+    ("R1-Distill-Qwen-1.5B (dense 0.832)", "40%", 0.658, 0.728, 0.774),
+    ("R1-Distill-Qwen-1.5B (dense 0.832)", "50%", 0.356, 0.496, 0.664),
+    ("R1-Distill-Qwen-7B (dense 0.936)", "50%", 0.744, 0.812, 0.900)]
+
+
+def rac_rows(base, models, summaries):
+    """[(method label, sparsity label, model folder)] in a stable order: labels as RAC_LABELS, then sparsity."""
+    rows = []
+    for folder in models:
+        rep = read_json(os.path.join(folder, "prune_report.json"), "prune report")
+        key = (rep["method"], rep.get("calib_source", "") if rep["method"] != "magnitude" else "")
+        label = RAC_LABELS.get(key, f"{key[0]}, {key[1]}")
+        rows.append((label, rep.get("nm") or f"{rep['sparsity']:.0%}", rep["sparsity"], folder))
+    order = list(RAC_LABELS.values())
+    rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[2], r[1]))
+    return [("dense", "0%", 0.0, base)] + rows
+
+
+def write_rac_report(out, base, models, summaries):
+    rows = rac_rows(base, models, summaries)
+    data = [{"method": m, "sparsity": s, "model": f,
+             **{col: get(summaries, f, stage, "traces" if stage == "perplexity" else "chat", key)
+                for col, stage, key, _ in RAC_COLUMNS}} for m, s, _, f in rows]
+    write_json(os.path.join(out, "rac.json"), nan_to_none(data))
+    levels = list(dict.fromkeys(s for _, s, _, _ in rows[1:]))
+    methods = list(dict.fromkeys(m for m, _, _, _ in rows[1:]))
+    cell = {(d["method"], d["sparsity"]): d for d in data}
+    n = get(summaries, base, "score", "chat", "n")
+    parts = ["## Reasoning-aware compression: calibrating on the model's own chain of thought",
+             f"Each model answers the same {n} GSM8K test problems with the chat prompt (greedy); trace ppl is the "
+             "perplexity of the dense model's own traces on held-out GSM8K train problems, teacher-forced. The dense "
+             "model: " + ", ".join(f"{col} {fmt(data[0][col], d)}" for col, _, _, d in RAC_COLUMNS) + "."]
+    for col, _, _, digits in RAC_COLUMNS:
+        parts += [f"### {col}", table(["method"] + levels,
+                                      [[m] + [fmt(cell.get((m, s), {}).get(col), digits) for s in levels]
+                                       for m in methods])]
+    parts += ["The RAC paper's MATH-500 accuracy for comparison (one-shot SparseGPT; larger models, another task):",
+              table(["model", "sparsity", "generic text", "prompt-only", "RAC"],
+                    [[a, b] + [fmt(v, 3) for v in rest] for a, b, *rest in PAPER_RAC])]
+    with atomic_open(os.path.join(out, "report.md")) as f:
+        f.write("\n\n".join(parts) + "\n")
+
+
 def nan_to_none(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -334,6 +391,11 @@ def nan_to_none(obj):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     summaries = index_summaries(args.summaries)
+    if args.study == "rac":
+        os.makedirs(args.out, exist_ok=True)
+        write_rac_report(args.out, args.base, args.models, summaries)
+        log(f"wrote {args.out}/report.md")
+        return
     styles = styles_of(summaries)
     base_index = tensor_index(args.base)
     rows, hists = [], []

@@ -3,6 +3,7 @@
     python generate.py --model out/M0 --style cot data/gsm8k/test.jsonl --limit 50 -o gen/cot-M0.jsonl
     python generate.py --model embedded --style chat --limit 5 data/gsm8k/test.jsonl | python score.py - > scored.jsonl
     head -3 data/gsm8k/test.jsonl | python generate.py --model embedded --style direct - -o -
+    python generate.py --model out/s0.5 --perplexity calib/heldout-traces.jsonl -o ppl/s0.5.jsonl
 
 Input records need `id` and `question`; every other field (the gold `answer`, say) passes through. Each output
 record adds: style, model, prompt, output, prompt_tokens, new_tokens (the EOS included), stop ('eos', 'length'
@@ -10,18 +11,23 @@ or 'stop' for a stop string), seconds (the batch's wall time shared evenly among
 longest-first in batches, so rows of similar length pad little. An interrupted run keeps what it finished in
 OUT.part; the same command again continues there. A summary (wall time, tokens/s, peak memory, non-zero
 parameters) goes to OUT.summary.json, or to --summary.
+
+--perplexity generates nothing: it teacher-forces the `trace` of each input record after its `prompt` (records from
+calibrate.py --source traces) and writes each record's summed negative log-likelihood `nll` and `trace_tokens`;
+the summary gives the perplexity exp(sum nll / sum trace_tokens).
 """
 import argparse
+import math
 import os
 
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, CotpruneError, JsonlAppender, Timer, decode, describe_runtime, load_model,
-                    load_tokenizer, log, model_source, param_counts, peak_memory_mb, read_jsonl, require_fields,
-                    resolve_device, resolve_dtype, run_cli, set_seed, write_json, fast_linears)
+from common import (DTYPES, CotpruneError, JsonlAppender, Timer, chat_prompt, decode, describe_runtime,
+                    eos_token_ids, fast_linears, load_model, load_tokenizer, log, model_source, param_counts,
+                    peak_memory_mb, read_jsonl, require_fields, resolve_device, resolve_dtype, run_cli, set_seed,
+                    write_json, write_jsonl)
 
-CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
     "cot": {"template": "Solve this step by step: Question: {q} Step 1:", "max_new_tokens": 150,
             "stop": ["\nQuestion:"]},
@@ -46,6 +52,8 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--perplexity", action="store_true",
+                   help="score the `trace` of each record after its `prompt` (teacher-forced, no generation)")
     p.add_argument("--summary", default=None, help="summary JSON path; default OUT.summary.json (none for stdout)")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype; auto = bfloat16 (float16 on mps)")
@@ -58,21 +66,9 @@ def build_parser():
 def build_prompt(tokenizer, style, question):
     """(prompt text, token ids). The chat style's template already holds the special tokens."""
     if style == "chat":
-        if not tokenizer.chat_template:
-            raise CotpruneError("--style chat needs a tokenizer with a chat template; use cot or direct")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{CHAT_INSTRUCTION}"}],
-                                             add_generation_prompt=True, tokenize=False)
-        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt(tokenizer, question)
     text = STYLES[style]["template"].format(q=question)
     return text, tokenizer(text)["input_ids"]
-
-
-def eos_token_ids(model, tokenizer):
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def stop_checker(tokenizer, stops):
@@ -103,6 +99,33 @@ def plan_batches(problems, prompts, batch_size, done):
             if any(p["id"] not in done for p in batch)]
 
 
+def trace_nll(model, prompt_ids, trace_ids):
+    """Summed negative log-likelihood (nats) of trace_ids following prompt_ids, one forward pass."""
+    ids = torch.tensor([prompt_ids + trace_ids], device=model.device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, logits_to_keep=len(trace_ids) + 1).logits[0, :-1].float()  # [T, V]
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids):], reduction="sum"))
+
+
+def perplexity_main(args, records, device, dtype, runtime):
+    require_fields(records, ["id", "prompt", "trace"], args.input)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    model = load_model(args.model, device, dtype, args.trust_remote_code)
+    out = []
+    with fast_linears(model):
+        for r in tqdm(records, desc="perplexity", unit="trace", disable=None):
+            p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            t = tok(r["trace"], add_special_tokens=False)["input_ids"]
+            if t:
+                out.append({"id": r["id"], "model": args.model, "nll": trace_nll(model, p, t), "trace_tokens": len(t)})
+    write_jsonl(args.out, out)
+    nll, n = sum(r["nll"] for r in out), sum(r["trace_tokens"] for r in out)
+    summary = {"stage": "perplexity", "model": args.model, "style": "traces", "n": len(out), **runtime,
+               "trace_tokens": n, "nll_per_token": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
+    log(f"{len(out)} traces, {n} tokens: perplexity {summary['perplexity']:.3f}")
+    return summary
+
+
 def summarize(records, model_name, style, runtime, counts, batch_size, max_new_tokens, peak_mb):
     seconds = sum(r["seconds"] for r in records)
     new_tokens = sum(r["new_tokens"] for r in records)
@@ -121,7 +144,7 @@ def main(argv=None):
     if args.batch_size < 1:
         raise CotpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
     problems = read_jsonl(args.input, args.limit)
-    require_fields(problems, ["id", "question"], args.input)
+    require_fields(problems, ["id"] if args.perplexity else ["id", "question"], args.input)
     model_source(args.model)  # a missing model fails here, before any work
     style = STYLES[args.style]
     max_new = args.max_new_tokens or style["max_new_tokens"]
@@ -130,6 +153,12 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     set_seed(args.seed)
     runtime = describe_runtime(device, dtype, args.seed)
+    summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
+    if args.perplexity:
+        summary = perplexity_main(args, problems, device, dtype, runtime)
+        if summary_path:
+            write_json(summary_path, summary)
+        return
     out = JsonlAppender(args.out)
     if out.done:
         log(f"resuming: {len(out.done)} of {len(problems)} already in {args.out}.part")
@@ -159,7 +188,6 @@ def main(argv=None):
                         peak_memory_mb(device))
     log(f"{summary['n']} answers, {summary['new_tokens']} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:.1f} tok/s), peak {summary['peak_memory_mb']:.0f} MiB")
-    summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
     if summary_path:
         write_json(summary_path, summary)
 

@@ -3,24 +3,36 @@
     python prune.py --model embedded --sparsity 0 -o out/M0                  # dense baseline (converts the GGUF once)
     python prune.py --model out/M0 --method magnitude --sparsity 0.5 -o out/s0.5
     python prune.py --model Qwen/Qwen2.5-0.5B-Instruct --sparsity 0.3 --scope global -o out/q-g0.3
+    python prune.py --model out/M0 --method sparsegpt --calib calib/traces.jsonl --sparsity 0.5 -o out/rac0.5
+    python prune.py --model out/M0 --method wanda --calib calib/text.jsonl --nm 2:4 -o out/wanda-2of4
 
 Magnitude (L1) pruning zeroes the weights of smallest |w| in every nn.Linear inside the decoder blocks. By default
 the threshold is per matrix, so each matrix reaches the requested sparsity exactly (round(S * numel) zeros);
 `--scope global` ranks all those weights together. Embeddings and lm_head are left alone unless
-`--prune-embeddings` (for a model with tied embeddings that is one shared matrix). The folder holds
-prune_report.json: the achieved sparsity per matrix and overall.
+`--prune-embeddings` (for a model with tied embeddings that is one shared matrix). `--nm N:M` zeroes the N
+smallest of every M consecutive weights in each row instead.
+
+Wanda and SparseGPT are calibrated: texts from --calib (JSONL with `text`, e.g. from calibrate.py) are packed into
+--n-samples windows of --seqlen tokens (no padding), and the blocks are pruned in order, each on the outputs of the
+already pruned blocks before it, one block on the compute device at a time. Linears that read the same input
+(q/k/v, gate/up) share one Gram matrix G = sum x x^T and, for SparseGPT, one factorised Hessian H = 2G/n.
+
+The folder holds prune_report.json: the achieved sparsity per matrix and overall, and for calibrated methods the
+relative reconstruction error |WX - W'X|^2 / |WX|^2 on the calibration windows and the seconds per matrix.
 """
 import argparse
 import os
 import struct
 
 import torch
+from tqdm import tqdm
 
-from common import (CotpruneError, Timer, block_linears, describe_runtime, load_model, load_tokenizer, log,
-                    model_source, param_counts, read_checkpoint_meta, resolve_device, run_cli, save_model_folder,
-                    set_seed)
+from common import (CotpruneError, Timer, block_linears, capture_block_inputs, decoder_layers, describe_runtime,
+                    load_model, load_tokenizer, log, model_source, param_counts, read_checkpoint_meta, read_jsonl,
+                    require_fields, resolve_device, run_cli, save_model_folder, set_seed)
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")
 
 
 def build_parser():
@@ -28,7 +40,15 @@ def build_parser():
     p.add_argument("--model", required=True, help="hub id, model folder, .gguf file, or 'embedded'")
     p.add_argument("-o", "--out", required=True, help="output model folder (replaced atomically)")
     p.add_argument("--method", choices=METHODS, default="magnitude", help="pruning criterion")
-    p.add_argument("--sparsity", type=float, required=True, help="share of weights to zero, in [0, 1); 0 = dense copy")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="share of weights to zero, in [0, 1); 0 = dense copy (required unless --nm)")
+    p.add_argument("--nm", default=None, help="semi-structured N:M, e.g. 2:4 (N zeros in every M consecutive weights)")
+    p.add_argument("--calib", default=None, help="calibration JSONL with a `text` field (wanda, sparsegpt)")
+    p.add_argument("--n-samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--calib-batch", type=int, default=8, help="windows per forward pass through a block")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT: columns per lazy-update block")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT: damping, as a share of mean(diag H)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="layer: threshold per matrix (exact sparsity each); global: one threshold for all")
     p.add_argument("--prune-embeddings", action=argparse.BooleanOptionalAction, default=False,
@@ -104,13 +124,236 @@ def prune_global_(weights, k):
         zero_smallest_(weights, global_threshold(weights, k), k)
 
 
-def magnitude_prune_(mats, sparsity, scope):
+def magnitude_prune_(mats, sparsity, scope, nm=None):
     weights = [w for _, w in mats]
-    if scope == "global":
+    if nm:
+        for w in weights:
+            w.data[nm_mask(w.detach().abs().float(), *nm)] = 0
+    elif scope == "global":
         prune_global_(weights, n_to_prune(sum(w.numel() for w in weights), sparsity))
     else:
         for w in weights:
             prune_smallest_(w, n_to_prune(w.numel(), sparsity))
+
+
+def parse_nm(text):
+    """'2:4' -> (2, 4); None stays None."""
+    if text is None:
+        return None
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise CotpruneError(f"--nm must look like N:M (e.g. 2:4), got {text!r}") from None
+    if not 0 < n < m:
+        raise CotpruneError(f"--nm N:M needs 0 < N < M, got {text}")
+    return n, m
+
+
+def nm_mask(score, n, m):
+    """Boolean mask [rows, cols] of the n lowest scores in every group of m consecutive columns of each row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise CotpruneError(f"--nm {n}:{m} needs a column count divisible by {m}; a matrix has {cols}")
+    groups = score.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, groups.topk(n, dim=2, largest=False).indices, True)
+    return mask.reshape(rows, cols)
+
+
+def row_mask(score, sparsity):
+    """Boolean mask of the round(sparsity * cols) lowest scores in each row (Wanda compares within a row)."""
+    k = n_to_prune(score.shape[1], sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, score.topk(k, dim=1, largest=False).indices, True)
+    return mask
+
+
+def wanda_prune_(W, norms, sparsity=0.0, nm=None):
+    """Wanda (Sun et al. 2024): zero the lowest |W_ij| * |X_j|_2 per row (or per N:M group). W: [rows, cols]."""
+    score = W.detach().abs().float() * norms[None, :].float()
+    W.data[nm_mask(score, *nm) if nm else row_mask(score, sparsity)] = 0
+
+
+def inverse_cholesky_upper(H, percdamp=0.01, max_percdamp=1.0):
+    """(U, percdamp used): U the upper Cholesky factor of (H + d I)^-1, d = percdamp * mean(diag H).
+
+    A failed factorisation is retried with the damping doubled, up to max_percdamp; past that it is an error,
+    never a silent switch to the identity.
+    """
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = torch.diag(H).mean()
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + percdamp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U, percdamp
+        if percdamp >= max_percdamp:
+            raise CotpruneError(f"the Hessian is not positive definite even with damping {percdamp} x mean(diag H)")
+        percdamp = min(max_percdamp, 2 * percdamp if percdamp > 0 else 0.01)
+
+
+def hessian(G, n_tokens):
+    """H = 2 G / n (SparseGPT's layer-wise Hessian), with dead inputs (H_jj = 0) set to H_jj = 1."""
+    H = 2 * G.float() / n_tokens
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    return H
+
+
+def sparsegpt_prune(W, H, sparsity=0.0, nm=None, blocksize=128, percdamp=0.01, Hinv=None):
+    """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): prune W and update the survivors by OBS.
+
+    W: [rows, cols]; H = 2 X X^T / n: [cols, cols] over calibration inputs X. Unstructured: in each block of
+    `blocksize` columns the mask takes the lowest w^2 / [Hinv]_jj^2 over all rows jointly, and block allotments
+    add up to exactly round(sparsity * rows * cols) zeros; N:M: the n lowest of every m columns, per row. Hinv,
+    when given, is the (upper Cholesky factor, damping) pair of an H shared with other matrices.
+    Returns (pruned W in float32, the damping used).
+    """
+    W = W.detach().float().clone()
+    rows, cols = W.shape
+    W[:, torch.diag(H) == 0] = 0  # inputs that never fire: their weights cannot matter
+    H = H.detach().float().clone()
+    H[torch.diag(H) == 0, torch.diag(H) == 0] = 1
+    Hinv, damp = Hinv if Hinv is not None else inverse_cholesky_upper(H, percdamp)  # [cols, cols]
+    if nm and blocksize % nm[1]:
+        raise CotpruneError(f"--blocksize {blocksize} must be a multiple of M={nm[1]}")
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # [rows, b], [b, b]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        d = torch.diag(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if not nm:
+            k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
+            if k:
+                score = (W1 ** 2 / d[None, :] ** 2).flatten()
+                mask1.view(-1)[score.topk(k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            if nm and i % nm[1] == 0:
+                score = W1[:, i: i + nm[1]] ** 2 / d[None, i: i + nm[1]] ** 2
+                mask1[:, i: i + nm[1]].scatter_(1, score.topk(nm[0], dim=1, largest=False).indices, True)
+            q = w.masked_fill(mask1[:, i], 0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]  # the OBS update of the rest of the block
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
+    return W, damp
+
+
+def reconstruction_error(W0, W, G):
+    """|W0 X - W X|^2 / |W0 X|^2 from the Gram matrix G = X X^T (no need to keep X)."""
+    D = (W0.float() - W.float())
+    return float((D @ G * D).sum() / (W0.float() @ G * W0.float()).sum())
+
+
+# ----------------------------------------------------------------------------------- layer-sequential driver
+
+def pack_windows(tokenizer, texts, n_samples, seqlen):
+    """[n_samples, seqlen] token windows cut from the texts joined by EOS: every position is a real token."""
+    stream, need = [], n_samples * seqlen
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise CotpruneError(f"the calibration texts hold {len(stream)} tokens, but --n-samples {n_samples} x "
+                            f"--seqlen {seqlen} needs {need}: add texts or ask for fewer windows")
+    return torch.tensor(stream[:need]).view(n_samples, seqlen)
+
+
+def run_block(layer, inputs, kwargs, device, batch):
+    """The block's outputs [n, T, d] for inputs [n, T, d] (kept on the CPU), `batch` windows at a time."""
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(inputs), batch):
+            out = layer(inputs[i: i + batch].to(device), **kwargs)
+            outs.append((out[0] if isinstance(out, tuple) else out).cpu())
+    return torch.cat(outs)
+
+
+def input_groups(layer, sample, kwargs, device):
+    """Names of the block's Linears grouped by the tensor they read (q/k/v share one, gate/up another)."""
+    seen, hooks = {}, []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_hook(
+                lambda m, args, out, name=name: seen.setdefault((args[0].data_ptr(), args[0].shape), []).append(name)))
+    try:
+        run_block(layer, sample, kwargs, device, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(seen.values())
+
+
+def gram_matrices(layer, groups, inputs, kwargs, device, batch):
+    """{group leader: (G = sum x x^T in float32 [in, in], token count)} over all windows."""
+    stats, hooks, modules = {}, [], dict(layer.named_modules())
+
+    def accumulate(mod, args, out, key):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
+        if key not in stats:
+            stats[key] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0]
+        stats[key][0].addmm_(x.T, x)  # in place: G is up to in^2 floats (95 MB for a 4864-wide input)
+        stats[key][1] += x.shape[0]
+
+    for group in groups:
+        hooks.append(modules[group[0]].register_forward_hook(lambda m, a, o, key=group[0]: accumulate(m, a, o, key)))
+    try:
+        run_block(layer, inputs, kwargs, device, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def prune_matrix_(method, mod, G, n_tokens, sparsity, nm, blocksize, percdamp, shared):
+    """Prune one Linear in place from its group's statistics; returns (relative error, damping or None)."""
+    W0 = mod.weight.detach().clone()
+    damp = None
+    if method == "wanda":
+        wanda_prune_(mod.weight, torch.diag(G).clamp(min=0).sqrt(), sparsity, nm)
+    else:
+        if "Hinv" not in shared:  # one factorisation serves every matrix of the group
+            shared["Hinv"] = inverse_cholesky_upper(hessian(G, n_tokens), percdamp)
+        W, damp = sparsegpt_prune(mod.weight, 2 * G.float() / n_tokens, sparsity, nm, blocksize, percdamp,
+                                  shared["Hinv"])
+        mod.weight.data.copy_(W.to(mod.weight.dtype))
+    return reconstruction_error(W0, mod.weight.detach(), G), damp
+
+
+def calibrated_prune_(model, windows, method, sparsity, nm, device, blocksize=128, percdamp=0.01, batch=8):
+    """Prune every decoder block in order, each calibrated on the outputs of the pruned blocks before it.
+
+    Only the block being pruned sits on `device`; activations stay in CPU memory. Returns per-matrix rows.
+    """
+    layers = decoder_layers(model)
+    home = next(layers[0].parameters()).device
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    inputs, kwargs = capture_block_inputs(model, windows, device)  # [n, T, d]
+    rows = []
+    for i, layer in enumerate(tqdm(layers, desc=f"{method} blocks", disable=None)):
+        layer.to(device)
+        groups = input_groups(layer, inputs[:1], kwargs, device)
+        stats = gram_matrices(layer, groups, inputs, kwargs, device, batch)
+        modules = dict(layer.named_modules())
+        for group in groups:
+            G, n_tokens = stats[group[0]]
+            shared = {}
+            for name in group:
+                with Timer() as t:
+                    err, damp = prune_matrix_(method, modules[name], G, n_tokens, sparsity, nm, blocksize,
+                                              percdamp, shared)
+                rows.append({"name": f"{prefix}.{i}.{name}.weight", "reconstruction_error": err,
+                             "seconds": t.seconds, "percdamp": damp, "tokens": n_tokens})
+        inputs = run_block(layer, inputs, kwargs, device, batch)  # what the next block sees: pruned outputs
+        layer.to(home)
+    return rows
 
 
 def sparsity_report(mats, model):
@@ -126,33 +369,66 @@ def sparsity_report(mats, model):
             "model_bytes": nbytes}
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if not 0 <= args.sparsity < 1:
+def check_args(args):
+    """Reject contradictory flags before any work; returns (sparsity, nm)."""
+    nm = parse_nm(args.nm)
+    if (args.sparsity is None) == (nm is None):
+        raise CotpruneError("give exactly one of --sparsity S and --nm N:M")
+    if args.sparsity is not None and not 0 <= args.sparsity < 1:
         raise CotpruneError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.method in CALIBRATED and not args.calib:
+        raise CotpruneError(f"--method {args.method} needs --calib FILE.jsonl (texts, e.g. from calibrate.py)")
+    if args.method in CALIBRATED and args.prune_embeddings:
+        raise CotpruneError("--prune-embeddings works with --method magnitude only")
+    if nm and args.scope == "global":
+        raise CotpruneError("--nm is a per-row pattern; it cannot take --scope global")
+    if min(args.n_samples, args.seqlen, args.calib_batch, args.blocksize) < 1:
+        raise CotpruneError("--n-samples, --seqlen, --calib-batch and --blocksize must be positive")
     if os.path.abspath(args.out) == os.path.abspath(args.model):
         raise CotpruneError("--out must differ from --model: the source would be overwritten")
+    return (nm[0] / nm[1] if nm else args.sparsity), nm
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    sparsity, nm = check_args(args)
     model_source(args.model)  # a missing model fails here, before any work
+    texts = None
+    if args.method in CALIBRATED:
+        texts = read_jsonl(args.calib)
+        require_fields(texts, ["text"], args.calib)
     device = resolve_device(args.device)
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
     set_seed(args.seed)
     runtime = describe_runtime(device, dtype or "keep", args.seed)
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    with Timer() as t_load:
-        model = load_model(args.model, device, dtype, args.trust_remote_code)
+    with Timer() as t_load:  # calibrated methods bring one block at a time to the device
+        model = load_model(args.model, "cpu" if texts else device, dtype, args.trust_remote_code)
     log(f"loaded {args.model} in {t_load.seconds:.1f}s")
     mats = target_matrices(model, args.prune_embeddings)
+    calib_rows = []
     with Timer() as t_prune:
-        magnitude_prune_(mats, args.sparsity, args.scope)
-    report = {"method": args.method, "sparsity": args.sparsity, "scope": args.scope,
+        if texts is None:
+            magnitude_prune_(mats, sparsity, args.scope, nm)
+        else:
+            windows = pack_windows(tok, [r["text"] for r in texts], args.n_samples, args.seqlen)
+            calib_rows = calibrated_prune_(model, windows, args.method, sparsity, nm, device, args.blocksize,
+                                           args.percdamp, args.calib_batch)
+    report = {"method": args.method, "sparsity": sparsity, "nm": args.nm, "scope": args.scope,
               "prune_embeddings": args.prune_embeddings, "source_model": args.model, **runtime,
               "seconds": t_prune.seconds, **sparsity_report(mats, model)}
+    if calib_rows:
+        by_name = {r["name"]: r for r in calib_rows}
+        for row in report["matrices"]:
+            row.update({k: v for k, v in by_name[row["name"]].items() if k != "name"})
+        report.update(calib=args.calib, calib_source="+".join(sorted({str(r.get("source", "text")) for r in texts})),
+                      n_samples=args.n_samples, seqlen=args.seqlen)
     src_meta = read_checkpoint_meta(args.model) if os.path.isdir(args.model) else {}
     base = src_meta.get("cotprune_args", {}).get("base_model", args.model)
-    log(f"{args.method} {args.scope} sparsity {args.sparsity}: {report['pruned_zeros']:,} of "
+    log(f"{args.method} {args.nm or args.scope} sparsity {sparsity}: {report['pruned_zeros']:,} of "
         f"{report['pruned_numel']:,} weights in {len(mats)} matrices are zero ({report['pruned_sparsity']:.4f}), "
         f"{t_prune.seconds:.1f}s")
-    save_model_folder(model, tok, args.out, stage="prune", source_model=args.model,
+    save_model_folder(model.to("cpu"), tok, args.out, stage="prune", source_model=args.model,
                       args={**vars(args), **runtime, "base_model": base}, extra_json={"prune_report.json": report})
     log(f"wrote {args.out}")
 

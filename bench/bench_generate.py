@@ -18,8 +18,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import decode, fast_linears, load_model, load_tokenizer, read_jsonl, resolve_dtype  # noqa: E402
-from generate import STYLES, build_prompt, eos_token_ids, stop_checker  # noqa: E402
+from common import (decode, eos_token_ids, fast_linears, load_model, load_tokenizer, read_jsonl,  # noqa: E402
+                    resolve_dtype)
+from generate import STYLES, build_prompt, stop_checker  # noqa: E402
 
 DEFAULT_MODEL = "out/SmolLM2-135M-Instruct/models/s0"
 

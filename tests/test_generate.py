@@ -1,5 +1,6 @@
 """generate.py and common.decode: same greedy tokens as model.generate, resumable, stop strings, summary."""
 import json
+import math
 
 import pytest
 import torch
@@ -114,7 +115,7 @@ def test_chat_prompt_uses_the_template(tmp_path, tiny_llama):
                    "-o", str(out)])
     prompt = json.loads(out.read_text())["prompt"]
     assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
-    assert generate.CHAT_INSTRUCTION in prompt
+    assert common.CHAT_INSTRUCTION in prompt
 
 
 def test_pipe_to_stdout_and_bad_input(tmp_path, tiny_llama):
@@ -162,3 +163,26 @@ def test_resumed_sampling_equals_uninterrupted(tmp_path, tiny_llama, monkeypatch
     generate.main(argv("resumed.jsonl"))
     outputs = lambda name: [json.loads(x)["output"] for x in (tmp_path / name).read_text().splitlines()]
     assert outputs("resumed.jsonl") == outputs("whole.jsonl")
+
+
+def test_perplexity_matches_brute_force(tmp_path, tiny_llama):
+    tok = load_tokenizer(tiny_llama)
+    model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    recs = [{"id": "a", "prompt": "Question: 2 + 2?", "trace": " It is 4, so 4."},
+            {"id": "b", "prompt": "Hi", "trace": " there friend"}]
+    src = tmp_path / "traces.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    generate.main(["--model", tiny_llama, "--perplexity", str(src), "--dtype", "float32",
+                   "-o", str(tmp_path / "p.jsonl")])
+    got = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    total, count = 0.0, 0
+    for r, g in zip(recs, got):
+        p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        t = tok(r["trace"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([p + t])).logits[0].log_softmax(-1)
+        nll = -sum(float(logp[len(p) + j - 1, tok_id]) for j, tok_id in enumerate(t))  # one token at a time
+        assert g["nll"] == pytest.approx(nll, rel=1e-4) and g["trace_tokens"] == len(t)
+        total, count = total + nll, count + len(t)
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)

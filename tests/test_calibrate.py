@@ -1,0 +1,67 @@
+"""calibrate.py: traces, prompt-only and generic text; budget, determinism, resumption."""
+import json
+
+import pytest
+
+import calibrate
+import common
+
+
+def lines(path):
+    return [json.loads(x) for x in open(path)]
+
+
+def traces(tmp_path, tiny_llama, name, *extra):
+    out = tmp_path / name
+    calibrate.main(["--model", tiny_llama, "--source", "traces", "--tokens", "600", "--max-new-tokens", "12",
+                    "--batch-size", "3", *extra, "-o", str(out)])
+    return lines(out)
+
+
+def test_traces_budget_fields_and_determinism(tmp_path, tiny_llama):
+    a = traces(tmp_path, tiny_llama, "a.jsonl")
+    total = sum(r["tokens"] for r in a)
+    assert total >= 600 and total - a[-1]["tokens"] < 600  # stops at the first record that meets the budget
+    assert [r["id"] for r in a] == [f"gsm8k-train-{i}" for i in range(len(a))]  # train, in file order
+    for r in a:
+        assert r["text"] == r["prompt"] + r["trace"] and r["tokens"] == r["prompt_tokens"] + r["trace_tokens"]
+        assert common.CHAT_INSTRUCTION in r["prompt"] and 1 <= r["trace_tokens"] <= 12
+    assert traces(tmp_path, tiny_llama, "b.jsonl") == a  # same seed, same traces
+    assert traces(tmp_path, tiny_llama, "c.jsonl", "--seed", "1") != a
+
+
+def test_traces_resume(tmp_path, tiny_llama, monkeypatch):
+    whole = traces(tmp_path, tiny_llama, "whole.jsonl")
+    real, calls = calibrate.decode, []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(calibrate, "decode", dies)
+    with pytest.raises(KeyboardInterrupt):
+        traces(tmp_path, tiny_llama, "r.jsonl")
+    monkeypatch.setattr(calibrate, "decode", real)
+    assert traces(tmp_path, tiny_llama, "r.jsonl") == whole
+
+
+def test_prompts_and_text_sources(tmp_path, tiny_llama):
+    out = tmp_path / "p.jsonl"
+    calibrate.main(["--model", tiny_llama, "--source", "prompts", "--tokens", "300", "-o", str(out)])
+    recs = lines(out)
+    assert all(r["trace"] == "" and r["text"] == r["prompt"] for r in recs)
+    assert sum(r["tokens"] for r in recs) >= 300
+    out = tmp_path / "t.jsonl"
+    calibrate.main(["--model", tiny_llama, "--source", "text", "--tokens", "0", "--limit", "5", "-o", str(out)])
+    recs = lines(out)
+    assert [r["id"] for r in recs] == [f"distract-{i}" for i in range(5)]
+    source = [json.loads(x)["text"] for x in open("data/distract/distract_mix_1000.jsonl")][:5]
+    assert [r["text"] for r in recs] == source
+
+
+def test_text_source_needs_text_field(tmp_path, tiny_llama):
+    with pytest.raises(common.CotpruneError, match="lacks field"):
+        calibrate.main(["--model", tiny_llama, "--source", "text", "data/gsm8k/test.jsonl", "-o",
+                        str(tmp_path / "x.jsonl")])
