@@ -133,11 +133,11 @@ $(OUT)/report.md: $(RUN)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
 	  cat $^; } > $@.tmp && mv $@.tmp $@
 
-## smoke: the whole chain on a tiny random model (about a minute)
+## smoke: the whole chain on a tiny random model (a few minutes)
 smoke: $(VENV)/.installed
 	$(PY) tests/tiny.py out/smoke/tiny-llama
-	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.3 0.5" BATCH=4 \
-	  RAC_SPARSITIES=0.5 RAC_N=4 RAC_TOKENS=32 CALIB_SAMPLES=4 SEQLEN=64 CALIB_TOKENS=400 HELDOUT_TOKENS=200
+	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.5" BATCH=4 \
+	  RAC_SPARSITIES= RAC_NM=2:4 RAC_N=4 RAC_TOKENS=32 CALIB_SAMPLES=4 SEQLEN=64 CALIB_TOKENS=400 HELDOUT_TOKENS=200
 
 ## test: the test suite, offline, CPU only (a few minutes)
 test: $(VENV)/.installed
@@ -147,10 +147,12 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
 
-## bench: generation speed vs. plain model.generate, and correlate.py's time and memory
+## bench: generation vs. model.generate, correlate.py's time and memory, SparseGPT vs. its FLOP floor (~20 min)
 bench: $(VENV)/.installed
 	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_generate.py --style chat --max-new-tokens 256
 	$(PY) bench/bench_correlate.py
+	$(PY) bench/bench_sparsegpt.py
 
 ## clean: remove outputs (keeps .venv)
 clean:

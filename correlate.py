@@ -349,7 +349,7 @@ def rac_rows(base, models, summaries):
         label = RAC_LABELS.get(key, f"{key[0]}, {key[1]}")
         rows.append((label, rep.get("nm") or f"{rep['sparsity']:.0%}", rep["sparsity"], folder))
     order = list(RAC_LABELS.values())
-    rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), r[2], r[1]))
+    rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), ":" in r[1], r[2]))
     return [("dense", "0%", 0.0, base)] + rows
 
 

@@ -194,9 +194,9 @@ def inverse_cholesky_upper(H, percdamp=0.01, max_percdamp=1.0):
         percdamp = min(max_percdamp, 2 * percdamp if percdamp > 0 else 0.01)
 
 
-def hessian(G, n_tokens):
-    """H = 2 G / n (SparseGPT's layer-wise Hessian), with dead inputs (H_jj = 0) set to H_jj = 1."""
-    H = 2 * G.float() / n_tokens
+def with_dead_inputs_fixed(H):
+    """A float32 copy of H whose dead inputs (H_jj = 0, never active in calibration) have H_jj = 1."""
+    H = H.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     return H
@@ -214,9 +214,7 @@ def sparsegpt_prune(W, H, sparsity=0.0, nm=None, blocksize=128, percdamp=0.01, H
     W = W.detach().float().clone()
     rows, cols = W.shape
     W[:, torch.diag(H) == 0] = 0  # inputs that never fire: their weights cannot matter
-    H = H.detach().float().clone()
-    H[torch.diag(H) == 0, torch.diag(H) == 0] = 1
-    Hinv, damp = Hinv if Hinv is not None else inverse_cholesky_upper(H, percdamp)  # [cols, cols]
+    Hinv, damp = Hinv if Hinv is not None else inverse_cholesky_upper(with_dead_inputs_fixed(H), percdamp)
     if nm and blocksize % nm[1]:
         raise CotpruneError(f"--blocksize {blocksize} must be a multiple of M={nm[1]}")
     for i1 in range(0, cols, blocksize):
@@ -320,9 +318,8 @@ def prune_matrix_(method, mod, G, n_tokens, sparsity, nm, blocksize, percdamp, s
         wanda_prune_(mod.weight, torch.diag(G).clamp(min=0).sqrt(), sparsity, nm)
     else:
         if "Hinv" not in shared:  # one factorisation serves every matrix of the group
-            shared["Hinv"] = inverse_cholesky_upper(hessian(G, n_tokens), percdamp)
-        W, damp = sparsegpt_prune(mod.weight, 2 * G.float() / n_tokens, sparsity, nm, blocksize, percdamp,
-                                  shared["Hinv"])
+            shared["Hinv"] = inverse_cholesky_upper(with_dead_inputs_fixed(2 * G / n_tokens), percdamp)
+        W, damp = sparsegpt_prune(mod.weight, 2 * G / n_tokens, sparsity, nm, blocksize, percdamp, shared["Hinv"])
         mod.weight.data.copy_(W.to(mod.weight.dtype))
     return reconstruction_error(W0, mod.weight.detach(), G), damp
 
