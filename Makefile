@@ -93,7 +93,7 @@ $(RUN)/magnitude/report.md: $(SCORES) correlate.py common.py
 
 # ---- reasoning-aware compression: calibration sets, pruned models, chat evaluation, trace perplexity
 $(RAC)/calib/traces.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
-	$(PY) calibrate.py --model $(MODELS)/s0 --source traces --tokens $(CALIB_TOKENS) -o $@
+	$(PY) calibrate.py --model $(MODELS)/s0 --source traces --tokens $(CALIB_TOKENS) --max-new-tokens $(RAC_TOKENS) -o $@
 $(RAC)/calib/prompts.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
 	$(PY) calibrate.py --model $(MODELS)/s0 --source prompts --tokens $(CALIB_TOKENS) -o $@
 $(RAC)/calib/text.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
@@ -101,7 +101,7 @@ $(RAC)/calib/text.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
 # held-out traces: the last 500 train problems, never used for calibration
 $(RAC)/calib/heldout.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
 	tail -n 500 data/gsm8k/train.jsonl | $(PY) calibrate.py --model $(MODELS)/s0 --source traces - \
-	  --tokens $(HELDOUT_TOKENS) --seed 1 -o $@
+	  --tokens $(HELDOUT_TOKENS) --max-new-tokens $(RAC_TOKENS) --seed 1 -o $@
 
 level_flag = $(if $(findstring of,$(1)),--nm $(subst of,:,$(1)),--sparsity $(1))
 calib_flag = $(if $(filter none,$(1)),,--calib $(RAC)/calib/$(1).jsonl --n-samples $(CALIB_SAMPLES) --seqlen $(SEQLEN))
