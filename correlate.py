@@ -340,7 +340,7 @@ PAPER_RAC = [  # the RAC paper's MATH-500 accuracy, one-shot SparseGPT (second-h
     ("R1-Distill-Qwen-7B (dense 0.936)", "50%", 0.744, 0.812, 0.900)]
 
 
-def rac_rows(base, models, summaries):
+def rac_rows(base, models):
     """[(method label, sparsity label, model folder)] in a stable order: labels as RAC_LABELS, then sparsity."""
     rows = []
     for folder in models:
@@ -354,7 +354,7 @@ def rac_rows(base, models, summaries):
 
 
 def write_rac_report(out, base, models, summaries):
-    rows = rac_rows(base, models, summaries)
+    rows = rac_rows(base, models)
     data = [{"method": m, "sparsity": s, "model": f,
              **{col: get(summaries, f, stage, "traces" if stage == "perplexity" else "chat", key)
                 for col, stage, key, _ in RAC_COLUMNS}} for m, s, _, f in rows]

@@ -79,7 +79,7 @@ def stop_checker(tokenizer, stops):
     return lambda row, ids: any(s in tokenizer.decode(ids[-window:]) for s in stops)
 
 
-def finish_text(tokenizer, ids, reason, eos_ids, stops):
+def finish_text(tokenizer, ids, eos_ids, stops):
     """Decoded output without the EOS, cut at the first stop string."""
     text = tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
     cuts = [text.find(s) for s in stops if s in text]
@@ -177,7 +177,7 @@ def main(argv=None):
                 results = decode(model, [prompts[p["id"]][1] for p in batch], max_new, eos_ids, tok.pad_token_id,
                                  stop_fn, args.temperature, args.top_k, args.top_p, generator)
             out.write([{**p, "style": args.style, "model": args.model, "prompt": prompts[p["id"]][0],
-                        "output": finish_text(tok, ids, reason, eos_ids, stops),
+                        "output": finish_text(tok, ids, eos_ids, stops),
                         "prompt_tokens": len(prompts[p["id"]][1]), "new_tokens": len(ids), "stop": reason,
                         "seconds": t.seconds / len(batch)} for p, (ids, reason) in zip(batch, results)])
             bar.update(len(batch))

@@ -62,11 +62,12 @@ def test_nm_pattern_in_every_row(n, m):
         assert (zeros == n).all()
 
 
-def test_sparsegpt_updates_survivors_and_leaves_them_nonzero():
+def test_sparsegpt_updates_the_survivors():
     W, G = correlated_problem()
-    mag, _, sgpt = prune_three_ways(W, G)
+    _, wan, sgpt = prune_three_ways(W, G)
     kept = sgpt != 0
     assert not torch.equal(sgpt[kept], W[kept])  # the OBS update changed the survivors
+    assert torch.equal(wan[wan != 0], W[wan != 0])  # Wanda, by contrast, leaves them as they were
 
 
 def test_indefinite_hessian_is_retried_with_more_damping():
@@ -117,7 +118,8 @@ def test_statistics_do_not_depend_on_batching(tiny_llama):
     many = prune.gram_matrices(layer, groups, inputs, kwargs, "cpu", 4)
     for key in one:
         assert one[key][1] == many[key][1] == 60  # exactly the real tokens
-        assert torch.allclose(one[key][0], many[key][0], rtol=1e-4, atol=1e-4)
+        rel = (one[key][0] - many[key][0]).norm() / one[key][0].norm()
+        assert rel < 1e-5  # float32 summation order only; a padded or lost token would be ~1e-2
     # the captured inputs are the embeddings of the windows
     assert torch.allclose(inputs, model.get_input_embeddings()(windows))
 
