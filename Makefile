@@ -9,14 +9,14 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules
 
 MODEL ?= embedded
-N ?= 100
+N ?= 50
 SPARSITIES ?= 0.01 0.05 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8
 STYLES ?= direct cot
 BATCH ?= 16
 DTYPE ?= auto
 DEVICE ?= auto
 # reasoning-aware compression study (make rac)
-RAC_SPARSITIES ?= 0.3 0.4 0.5
+RAC_SPARSITIES ?= 0.5
 RAC_NM ?= 2:4
 RAC_N ?= 16
 RAC_TOKENS ?= 512
@@ -24,6 +24,15 @@ CALIB_SAMPLES ?= 16
 SEQLEN ?= 512
 CALIB_TOKENS ?= 10000
 HELDOUT_TOKENS ?= 4096
+# task-specific neuron pruning, LoRA recovery and traps (make neurons)
+NEURON_SPARSITIES ?= 0.25
+MULTIPLE ?= 128
+NEURON_PROMPTS ?= 800
+RANDOM_SEEDS ?= 42 33
+NEURON_N ?= 16
+NEURON_TOKENS ?= 1024
+RECOVER_STEPS ?= 30
+RECOVER_LR ?= 2e-4
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -46,12 +55,17 @@ RAC_METHODS := magnitude-none wanda-text sparsegpt-text sparsegpt-prompts sparse
 RAC_NAMES := $(foreach m,$(RAC_METHODS),$(foreach l,$(RAC_LEVELS),$(m)-$(l)))
 RAC_EVAL := $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/scores/$(n).summary.json $(RAC)/ppl/$(n).summary.json)
 
-.PHONY: help all study rac smoke test test-slow bench venv clean
+NEU := $(OUT)/neurons
+NEU_PRUNED := $(foreach l,$(NEURON_SPARSITIES),selective-$(l) $(foreach s,$(RANDOM_SEEDS),random$(s)-$(l)) reverse-$(l))
+NEU_NAMES := $(NEU_PRUNED) $(foreach l,$(NEURON_SPARSITIES),lora-selective-$(l))
+NEU_EVAL := $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/scores/$(n).summary.json)
+
+.PHONY: help all study rac neurons smoke test test-slow bench venv clean
 ## help: list the targets
 help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
-## all: set up .venv, convert the model once, run both studies, write $(OUT)/report.md
+## all: set up .venv, convert the model once, run the three studies, write $(OUT)/report.md
 all: $(OUT)/report.md
 	@echo "report: $(OUT)/report.md"
 
@@ -60,6 +74,9 @@ study: $(RUN)/magnitude/report.md
 
 ## rac: the reasoning-aware compression study alone (SparseGPT/Wanda on text, prompts, own traces)
 rac: $(RAC)/n$(RAC_N)/report.md
+
+## neurons: the task-specific neuron study alone (selective/random/reverse MLP neuron removal, LoRA, traps)
+neurons: $(NEU)/n$(NEURON_N)/report.md
 
 ## venv: create .venv with the pinned run-time and test dependencies
 venv: $(VENV)/.installed
@@ -127,7 +144,35 @@ $(RAC)/n$(RAC_N)/report.md: $(RAC_EVAL) correlate.py common.py
 	$(PY) correlate.py --study rac --base $(RAC)/models/dense --models $(addprefix $(RAC)/models/,$(RAC_NAMES)) \
 	  --summaries $(RAC_EVAL) $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/gen/$(n).summary.json) -o $(@D)
 
-$(OUT)/report.md: $(RUN)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md
+# ---- task-specific neurons: selectivity once (with the dense copy), pruned models, LoRA recovery, chat evaluation
+NEU_FLAGS = --multiple $(MULTIPLE) --n-prompts $(NEURON_PROMPTS) --scores $(NEU)/selectivity.safetensors
+$(NEU)/models/dense/config.json: $(MODELS)/s0/config.json prune.py common.py
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity 0 $(NEU_FLAGS) -o $(@D)
+$(NEU)/models/selective-%/config.json: $(NEU)/models/dense/config.json prune.py common.py
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity $* $(NEU_FLAGS) -o $(@D)
+$(NEU)/models/reverse-%/config.json: $(NEU)/models/dense/config.json prune.py common.py
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-reverse --sparsity $* $(NEU_FLAGS) -o $(@D)
+define RANDOM_MODEL
+$(NEU)/models/random$(1)-%/config.json: $(MODELS)/s0/config.json prune.py common.py
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-random --seed $(1) --sparsity $$* --multiple $(MULTIPLE) \
+	  -o $$(@D)
+endef
+$(foreach s,$(RANDOM_SEEDS),$(eval $(call RANDOM_MODEL,$(s))))
+$(NEU)/models/lora-%/config.json: $(NEU)/models/%/config.json data/gsm8k/train.jsonl recover.py common.py
+	$(PY) recover.py --model $(NEU)/models/$* --max-steps $(RECOVER_STEPS) --lr $(RECOVER_LR) --device $(DEVICE) \
+	  -o $(@D)
+
+$(NEU)/n$(NEURON_N)/gen/%.jsonl: $(NEU)/models/%/config.json data/gsm8k/test.jsonl generate.py common.py
+	$(PY) generate.py --model $(NEU)/models/$* --style chat --max-new-tokens $(NEURON_TOKENS) --limit $(NEURON_N) \
+	  --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE) data/gsm8k/test.jsonl -o $@
+$(NEU)/n$(NEURON_N)/scores/%.summary.json: $(NEU)/n$(NEURON_N)/gen/%.jsonl score.py common.py
+	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
+
+$(NEU)/n$(NEURON_N)/report.md: $(NEU_EVAL) correlate.py common.py
+	$(PY) correlate.py --study neurons --base $(NEU)/models/dense --models $(addprefix $(NEU)/models/,$(NEU_NAMES)) \
+	  --summaries $(NEU_EVAL) $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/gen/$(n).summary.json) -o $(@D)
+
+$(OUT)/report.md: $(RUN)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md $(NEU)/n$(NEURON_N)/report.md
 	{ echo "# cotprune report: $(SLUG)"; echo; \
 	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, batch $(BATCH), dtype $(DTYPE); made $$(date -u +%F) on" \
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
@@ -137,7 +182,8 @@ $(OUT)/report.md: $(RUN)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md
 smoke: $(VENV)/.installed
 	$(PY) tests/tiny.py out/smoke/tiny-llama
 	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.5" BATCH=4 \
-	  RAC_SPARSITIES= RAC_NM=2:4 RAC_N=4 RAC_TOKENS=32 CALIB_SAMPLES=4 SEQLEN=64 CALIB_TOKENS=400 HELDOUT_TOKENS=200
+	  RAC_SPARSITIES= RAC_NM=2:4 RAC_N=4 RAC_TOKENS=32 CALIB_SAMPLES=4 SEQLEN=64 CALIB_TOKENS=400 HELDOUT_TOKENS=200 \
+	  NEURON_SPARSITIES=0.5 MULTIPLE=32 NEURON_PROMPTS=16 RANDOM_SEEDS=42 NEURON_N=4 NEURON_TOKENS=32 RECOVER_STEPS=3
 
 ## test: the test suite, offline, CPU only (a few minutes)
 test: $(VENV)/.installed

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import struct
@@ -406,11 +407,11 @@ def _stamp_safetensors(path, meta):
             shutil.copyfileobj(src, dst, 16 * 2**20)
 
 
-def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extra_json=None):
+def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extra_json=None, extra_files=None):
     """Write an ordinary Hugging Face model folder, all at once: build `out_dir.tmp`, then rename it.
 
     Every .safetensors file carries the cotprune metadata (format version, stage, source model, arguments),
-    and `extra_json` files ({name: object}) land beside it.
+    and `extra_json` files ({name: object}) land beside it, as do `extra_files` ({name: writer(path)}).
     """
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -423,12 +424,16 @@ def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extr
             _stamp_safetensors(os.path.join(tmp, name), meta)
     for name, obj in (extra_json or {}).items():
         write_json(os.path.join(tmp, name), obj)
+    for name, writer in (extra_files or {}).items():
+        writer(os.path.join(tmp, name))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
 
 def safetensors_files(folder):
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    """The model's weight files (model.safetensors or its shards), not other tensors kept beside them."""
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                   if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", f))
     if not files:
         raise CotpruneError(f"{folder} holds no .safetensors weights")
     return files
@@ -466,9 +471,14 @@ def chat_prompt(tokenizer, question):
     """
     if not tokenizer.chat_template:
         raise CotpruneError("the chat format needs a tokenizer with a chat template; this model has none")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{CHAT_INSTRUCTION}"}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(chat_messages(question), add_generation_prompt=True, tokenize=False)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_messages(question, answer=None):
+    """The conversation of chat_prompt, with the assistant's answer appended when given (recovery targets)."""
+    messages = [{"role": "user", "content": f"{question}\n{CHAT_INSTRUCTION}"}]
+    return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 
 def eos_token_ids(model, tokenizer):

@@ -16,6 +16,12 @@ summaries must be among them. Writes similarity.json, correlations.json, histogr
 calibration source (from each model's prune_report.json) and each sparsity, the chat-prompt accuracy, generated
 tokens, share cut off at the cap, trap rate, F and the perplexity of the dense model's held-out traces (rac.json,
 report.md).
+
+--study neurons tabulates the task-specific neuron study in the layout of that paper's Tables 3-5: per nominal
+pruning level (and its exact ratio) and method (selective, random per seed, reverse), accuracy, traps (Type 1 and 2)
+and F; selective before and after LoRA recovery (recover.py folders); parameters, memory and tokens/s; and the
+dense model's per-layer count of target- vs distractor-leaning neurons (neurons.json, report.md). --base is the
+dense folder that prune.py --method neuron-selective --sparsity 0 wrote (it carries the selectivity counts).
 """
 import argparse
 import math
@@ -54,7 +60,8 @@ def build_parser():
     p.add_argument("--summaries", nargs="*", default=[],
                    help="generate.py and score.py summary JSONs for the base and the pruned models")
     p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--study", choices=("magnitude", "rac"), default="magnitude", help="which report to write")
+    p.add_argument("--study", choices=("magnitude", "rac", "neurons"), default="magnitude",
+                   help="which report to write")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                    help="draw PNG figures (needs matplotlib; skipped with a note if it is missing)")
     return p
@@ -196,6 +203,8 @@ def styles_of(summaries):
 
 
 def get(summaries, model, stage, style, key):
+    if model is None:
+        return None
     s = summaries.get((os.path.realpath(model), stage, style))
     return None if s is None else s.get(key)
 
@@ -378,6 +387,94 @@ def write_rac_report(out, base, models, summaries):
         f.write("\n\n".join(parts) + "\n")
 
 
+# ------------------------------------------------------------------------------------------ neuron study report
+
+NEURON_LABELS = {"neuron-selective": "selective", "neuron-random": "random", "neuron-reverse": "reverse"}
+# The paper's Qwen2.5-Math-1.5B-Instruct (GSM8K EM %, trap %), selective pruning, before and after LoRA (Tables 3-4).
+PAPER_NEURONS = [("0%", 84.0, 0.91, 84.0, 0.91), ("5%", 82.49, 1.21, 82.64, 1.14), ("10%", 82.11, 1.44, 82.18, 1.21),
+                 ("15%", 76.5, 4.4, 78.7, 1.14), ("20%", 68.92, 5.61, 74.37, 2.27), ("25%", 63.0, 10.61, 69.52, 3.49),
+                 ("30%", 47.38, 28.05, 63.46, 4.17), ("35%", 22.37, 58.53, 51.25, 10.54)]
+
+
+def neuron_model_info(folder):
+    """(label, nominal ratio, exact ratio, report) of a neuron-pruned folder or a recover.py folder made from one."""
+    rec = os.path.join(folder, "recover_report.json")
+    if os.path.exists(rec):
+        label, nominal, exact, rep = neuron_model_info(read_json(rec, "recover report")["source_model"])
+        return label + " + LoRA", nominal, exact, rep
+    rep = read_json(os.path.join(folder, "prune_report.json"), "prune report")
+    if "neurons" not in rep:
+        raise CotpruneError(f"{folder} was not made by a neuron method (its prune report has no `neurons`)")
+    label = NEURON_LABELS[rep["method"]]
+    if rep["method"] == "neuron-random":
+        label += f" (seed {read_checkpoint_meta(folder).get('cotprune_args', {}).get('seed')})"
+    return label, rep["neurons"]["nominal_ratio"], rep["neurons"]["exact_ratio"], rep
+
+
+def pct(v, digits=1):
+    return fmt(None if v is None else 100 * v, digits)
+
+
+def write_neuron_report(out, base, models, summaries):
+    g = lambda m, stage, key: get(summaries, m, stage, "chat", key)
+    base_rep = read_json(os.path.join(base, "prune_report.json"), "prune report")
+    info = [(*neuron_model_info(f), f) for f in models]
+    levels = sorted({(nom, exact) for _, nom, exact, _, _ in info if nom > 0})
+    methods = list(dict.fromkeys(sorted((lab for lab, *_ in info if "LoRA" not in lab),
+                                        key=lambda s: (not s.startswith("selective"), s.startswith("reverse"), s))))
+    cell = {(lab, nom): f for lab, nom, _, _, f in info}
+    data = [{"method": lab, "nominal_ratio": nom, "exact_ratio": exact, "model": f,
+             **{k: g(f, stage, k) for stage, k in (("score", "accuracy"), ("score", "trap_rate"),
+                                                    ("score", "type1_rate"), ("score", "type2_rate"), ("score", "F"),
+                                                    ("score", "mean_new_tokens"), ("generate", "params"),
+                                                    ("generate", "peak_memory_mb"), ("generate", "tokens_per_s"))}}
+            for lab, nom, exact, _, f in [("dense", 0.0, 0.0, base_rep, base)] + info]
+    write_json(os.path.join(out, "neurons.json"), nan_to_none(data))
+    level_name = lambda nom, exact: f"{nom:.0%} ({exact:.2%})"
+    def by_method(key, fmt_v):
+        value = lambda f: " / ".join(fmt_v(g(f, "score", k)) for k in key.split("+"))
+        return table(["pruning (exact)"] + methods,
+                     [["original"] + [value(base)] * len(methods)]
+                     + [[level_name(nom, exact)] + [value(cell[(m, nom)]) if (m, nom) in cell else "—"
+                                                    for m in methods] for nom, exact in levels])
+    sel = [(nom, exact, cell.get(("selective", nom)), cell.get(("selective + LoRA", nom))) for nom, exact in levels]
+    gain = lambda a, b: None if a is None or b is None or not a else (b - a) / a
+    recovery = table(["pruning", "accuracy", "after LoRA", "relative gain", "trap %", "after LoRA", "F",
+                      "F after LoRA"],
+                     [[level_name(nom, exact), pct(g(s, "score", "accuracy")), pct(g(r, "score", "accuracy")),
+                       pct(gain(g(s, "score", "accuracy"), g(r, "score", "accuracy"))),
+                       pct(g(s, "score", "trap_rate")), pct(g(r, "score", "trap_rate")), fmt(g(s, "score", "F")),
+                       fmt(g(r, "score", "F"))] for nom, exact, s, r in sel if s])
+    resources = table(["pruning", "parameters", "weights MB", "peak memory MB", "tokens/s"],
+                      [[name, f"{g(f, 'generate', 'params') or 0:,}", fmt(g(f, "generate", "param_mb"), 1),
+                        fmt(g(f, "generate", "peak_memory_mb"), 0), fmt(g(f, "generate", "tokens_per_s"), 1)]
+                       for name, f in [("original", base)] + [(level_name(n, e), s) for n, e, s, _ in sel if s]])
+    layers = base_rep.get("neurons", {}).get("layers", [])
+    per_layer = table(["layer", "target-leaning (S > 0)", "distractor-leaning (S < 0)"],
+                      [[x["layer"], x["target_leaning"], x["distractor_leaning"]] for x in layers])
+    n = g(base, "score", "n")
+    parts = ["## Task-specific neuron pruning, LoRA recovery and traps",
+             f"MLP neurons removed per layer by target-vs-distractor selectivity (selective: lowest S; reverse: "
+             f"highest S; random: a seeded draw), {base_rep['neurons']['d_ff'] if 'neurons' in base_rep else '?'} "
+             f"neurons per layer, kept counts multiples of {base_rep.get('neurons', {}).get('multiple', '?')}; "
+             f"the exact share removed is in brackets (the paper's Table 2). Each model answers the same {n} GSM8K "
+             "test problems with the chat prompt, greedy and unconstrained up to the token cap; a trap is an "
+             "output that ends in a degeneration loop without EOS (Type 1: a complete answer came first; a "
+             "correct Type 1 answer counts as correct, as in the paper).",
+             "### Table 3a: accuracy (%) after pruning", by_method("accuracy", pct),
+             "### Table 3b: traps (%) after pruning", by_method("trap_rate", pct),
+             "### Traps by type (%): Type 1 / Type 2", by_method("type1_rate+type2_rate", pct),
+             "### Faithfulness F after pruning", by_method("F", fmt),
+             "### Table 4: selective pruning before and after LoRA recovery", recovery,
+             "### Table 5: size and speed (generation at the study's batch size, bf16, CPU)", resources,
+             "### Figure 6: per-layer target- vs distractor-leaning neurons (dense model's selectivity)", per_layer,
+             "The paper's Qwen2.5-Math-1.5B-Instruct, selective pruning (GSM8K EM %, trap %; Tables 3 and 4):",
+             table(["pruning", "EM", "trap %", "EM after LoRA", "trap % after LoRA"],
+                   [[a] + [fmt(v, 2) for v in rest] for a, *rest in PAPER_NEURONS])]
+    with atomic_open(os.path.join(out, "report.md")) as f:
+        f.write("\n\n".join(parts) + "\n")
+
+
 def nan_to_none(obj):
     if isinstance(obj, float) and math.isnan(obj):
         return None
@@ -391,9 +488,9 @@ def nan_to_none(obj):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     summaries = index_summaries(args.summaries)
-    if args.study == "rac":
+    if args.study in ("rac", "neurons"):
         os.makedirs(args.out, exist_ok=True)
-        write_rac_report(args.out, args.base, args.models, summaries)
+        (write_rac_report if args.study == "rac" else write_neuron_report)(args.out, args.base, args.models, summaries)
         log(f"wrote {args.out}/report.md")
         return
     styles = styles_of(summaries)

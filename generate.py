@@ -6,11 +6,11 @@
     python generate.py --model out/s0.5 --perplexity calib/heldout-traces.jsonl -o ppl/s0.5.jsonl
 
 Input records need `id` and `question`; every other field (the gold `answer`, say) passes through. Each output
-record adds: style, model, prompt, output, prompt_tokens, new_tokens (the EOS included), stop ('eos', 'length'
-or 'stop' for a stop string), seconds (the batch's wall time shared evenly among its rows). Prompts run
-longest-first in batches, so rows of similar length pad little. An interrupted run keeps what it finished in
-OUT.part; the same command again continues there. A summary (wall time, tokens/s, peak memory, non-zero
-parameters) goes to OUT.summary.json, or to --summary.
+record adds: style, model, prompt, output, prompt_tokens, new_tokens (the EOS included), stop ('eos', 'length',
+or 'stop' for a stop string or, with --stop-boxed, a closed \\boxed{}), seconds (the batch's wall time shared
+evenly among its rows). Prompts run longest-first in batches, so rows of similar length pad little. An
+interrupted run keeps what it finished in OUT.part; the same command again continues there. A summary (wall
+time, tokens/s, peak memory, non-zero parameters) goes to OUT.summary.json, or to --summary.
 
 --perplexity generates nothing: it teacher-forces the `trace` of each input record after its `prompt` (records from
 calibrate.py --source traces) and writes each record's summed negative log-likelihood `nll` and `trace_tokens`;
@@ -19,6 +19,7 @@ the summary gives the perplexity exp(sum nll / sum trace_tokens).
 import argparse
 import math
 import os
+import re
 
 import torch
 from tqdm import tqdm
@@ -36,6 +37,9 @@ STYLES = {  # the paper's two protocols (asand §3) and the chat template the RA
 }
 
 
+BOXED_RE = re.compile(r"\\boxed\{")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("input", nargs="?", default="-", help="JSONL of {id, question, ...}; - = stdin")
@@ -47,6 +51,9 @@ def build_parser():
                    help="stop string, repeatable (cut from the output); default: the style's ('\\nQuestion:' "
                         "for cot and direct, none for chat)")
     p.add_argument("--no-stop", action="store_true", help="use no stop strings at all")
+    p.add_argument("--stop-boxed", action=argparse.BooleanOptionalAction, default=False,
+                   help="stop once the output holds a complete \\boxed{...} answer (the neuron paper's mitigation "
+                        "of Type 1 traps)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     p.add_argument("--limit", type=int, default=0, help="first N input records; 0 = all")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -71,12 +78,28 @@ def build_prompt(tokenizer, style, question):
     return text, tokenizer(text)["input_ids"]
 
 
-def stop_checker(tokenizer, stops):
-    """stop_fn for common.decode: is a stop string in the last few decoded tokens of a row?"""
-    if not stops:
+def boxed_complete(text):
+    """Does the text hold \\boxed{...} with its braces closed (neuron paper, Appendix F.2)?"""
+    for m in BOXED_RE.finditer(text):
+        depth = 1
+        for ch in text[m.end():]:
+            depth += (ch == "{") - (ch == "}")
+            if depth == 0:
+                return True
+    return False
+
+
+def stop_checker(tokenizer, stops, boxed=False):
+    """stop_fn for common.decode: is a stop string in the last few decoded tokens of a row, or (boxed) has the row
+    just closed a \\boxed{...}? The whole row is decoded only when a '}' has just appeared."""
+    if not stops and not boxed:
         return None
-    window = 2 + max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops)
-    return lambda row, ids: any(s in tokenizer.decode(ids[-window:]) for s in stops)
+    window = 2 + max([len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops] + [1])
+
+    def check(row, ids):
+        tail = tokenizer.decode(ids[-window:])
+        return any(s in tail for s in stops) or (boxed and "}" in tail and boxed_complete(tokenizer.decode(ids)))
+    return check
 
 
 def finish_text(tokenizer, ids, eos_ids, stops):
@@ -164,7 +187,7 @@ def main(argv=None):
         log(f"resuming: {len(out.done)} of {len(problems)} already in {args.out}.part")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
-    eos_ids, stop_fn = eos_token_ids(model, tok), stop_checker(tok, stops)
+    eos_ids, stop_fn = eos_token_ids(model, tok), stop_checker(tok, stops, args.stop_boxed)
     generator = torch.Generator(device) if args.temperature > 0 else None
     prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in problems}
     batches = plan_batches(problems, prompts, args.batch_size, out.done)
@@ -186,6 +209,7 @@ def main(argv=None):
     out.finish(records)
     summary = summarize(records, args.model, args.style, runtime, param_counts(model), args.batch_size, max_new,
                         peak_memory_mb(device))
+    summary["stop_boxed"] = args.stop_boxed
     log(f"{summary['n']} answers, {summary['new_tokens']} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:.1f} tok/s), peak {summary['peak_memory_mb']:.0f} MiB")
     if summary_path:

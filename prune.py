@@ -5,6 +5,7 @@
     python prune.py --model Qwen/Qwen2.5-0.5B-Instruct --sparsity 0.3 --scope global -o out/q-g0.3
     python prune.py --model out/M0 --method sparsegpt --calib calib/traces.jsonl --sparsity 0.5 -o out/rac0.5
     python prune.py --model out/M0 --method wanda --calib calib/text.jsonl --nm 2:4 -o out/wanda-2of4
+    python prune.py --model out/M0 --method neuron-selective --sparsity 0.25 --scores out/sel.safetensors -o out/n25
 
 Magnitude (L1) pruning zeroes the weights of smallest |w| in every nn.Linear inside the decoder blocks. By default
 the threshold is per matrix, so each matrix reaches the requested sparsity exactly (round(S * numel) zeros);
@@ -17,22 +18,36 @@ Wanda and SparseGPT are calibrated: texts from --calib (JSONL with `text`, e.g. 
 already pruned blocks before it, one block on the compute device at a time. Linears that read the same input
 (q/k/v, gate/up) share one Gram matrix G = sum x x^T and, for SparseGPT, one factorised Hessian H = 2G/n.
 
+Neuron methods remove whole MLP neurons (task-specific neuron paper, §3 and Appendix B): each neuron's selectivity
+S = (mu_target - mu_distractor) / (sigma + 1e-6) comes from its mean |SwiGLU activation| (the input of down_proj)
+over the real tokens of each --target and --distractor prompt; neuron-selective removes the lowest S in every
+layer, neuron-reverse the highest, neuron-random a seeded random set of the same size. The kept count per layer is
+the largest multiple of --multiple not above (1 - S) * d_ff. The rows of gate/up and the columns of down are
+sliced away and config.intermediate_size shrinks, so the folder is a smaller ordinary model. The scores (and the
+kept indices) go to neuron_scores.safetensors in the folder, and to --scores FILE, which later runs reuse.
+
 The folder holds prune_report.json: the achieved sparsity per matrix and overall, and for calibrated methods the
 relative reconstruction error |WX - W'X|^2 / |WX|^2 on the calibration windows and the seconds per matrix.
 """
 import argparse
+import math
 import os
 import struct
 
 import torch
 from tqdm import tqdm
 
-from common import (CotpruneError, Timer, block_linears, capture_block_inputs, decoder_layers, describe_runtime,
-                    load_model, load_tokenizer, log, model_source, param_counts, read_checkpoint_meta, read_jsonl,
-                    require_fields, resolve_device, run_cli, save_model_folder, set_seed)
+from common import (CotpruneError, Timer, atomic_open, block_linears, capture_block_inputs, decoder_layers,
+                    describe_runtime, load_model, load_tokenizer, log, model_source, param_counts, read_checkpoint_meta,
+                    read_jsonl, require_fields, resolve_device, run_cli, save_model_folder, set_seed)
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
+METHODS = ("magnitude", "wanda", "sparsegpt") + NEURON_METHODS
 CALIBRATED = ("wanda", "sparsegpt")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TARGET = os.path.join(HERE, "data", "gsm8k", "train.jsonl")
+DEFAULT_DISTRACTOR = os.path.join(HERE, "data", "distract", "distract_mix_1000.jsonl")
+EPS = 1e-6  # neuron paper eq. 2
 
 
 def build_parser():
@@ -46,17 +61,30 @@ def build_parser():
     p.add_argument("--calib", default=None, help="calibration JSONL with a `text` field (wanda, sparsegpt)")
     p.add_argument("--n-samples", type=int, default=64, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--calib-batch", type=int, default=8, help="windows per forward pass through a block")
+    p.add_argument("--calib-batch", type=int, default=8,
+                   help="calibration windows (neuron methods: prompts) per forward pass")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT: columns per lazy-update block")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT: damping, as a share of mean(diag H)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="layer: threshold per matrix (exact sparsity each); global: one threshold for all")
     p.add_argument("--prune-embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="also prune the input embeddings and lm_head (one matrix when tied)")
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help="neuron methods: JSONL of target-task prompts (`question` or `text`); default GSM8K train")
+    p.add_argument("--distractor", default=DEFAULT_DISTRACTOR,
+                   help="neuron methods: JSONL of distractor prompts (`question` or `text`); default data/distract")
+    p.add_argument("--n-prompts", type=int, default=800, help="neuron methods: prompts taken from each set; 0 = all")
+    p.add_argument("--multiple", type=int, default=128, help="neuron methods: kept neurons per layer are a multiple")
+    p.add_argument("--score-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="neuron methods: autocast dtype of the forward passes that measure activations (bfloat16 is "
+                        "about 2x faster on CPU; the statistics themselves are summed in float64)")
+    p.add_argument("--scores", default=None,
+                   help="neuron methods: selectivity cache (.safetensors): read if it exists, else computed and "
+                        "written there")
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="storage dtype of the output; keep = the source checkpoint's")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--seed", type=int, default=0, help="recorded for reproducibility (magnitude uses no randomness)")
+    p.add_argument("--seed", type=int, default=0, help="neuron-random's draw (other methods use no randomness)")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub (off: only transformers' own architectures)")
     return p
@@ -353,6 +381,225 @@ def calibrated_prune_(model, windows, method, sparsity, nm, device, blocksize=12
     return rows
 
 
+# ------------------------------------------------------------------------------------ structural neuron pruning
+
+def gated_mlps(model):
+    """[(gate_proj, up_proj, down_proj)] per decoder block: the SwiGLU MLPs of Llama, Qwen2, Mistral, Gemma."""
+    mlps = []
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(m, torch.nn.Linear) for m in parts):
+            raise CotpruneError(f"neuron pruning needs gated MLPs (mlp.gate_proj/up_proj/down_proj); block {i} of "
+                                f"{type(model).__name__} has none")
+        mlps.append(tuple(parts))
+    return mlps
+
+
+def prompt_texts(records, name):
+    """The prompt of each record: its `question`, else its `text`."""
+    texts = []
+    for i, r in enumerate(records, 1):
+        text = r.get("question", r.get("text"))
+        if not isinstance(text, str) or not text:
+            raise CotpruneError(f"{name}: record {i} (id {r.get('id', '?')!r}) has no `question` or `text` string")
+        texts.append(text)
+    return texts
+
+
+class ActivationStats:
+    """Running per-neuron sums over prompts of their mean |activation| a_bar [L, d_ff] (float64, streamed)."""
+
+    def __init__(self):
+        self.n, self.sum, self.sumsq = 0, 0.0, 0.0
+
+    def add(self, a):  # a: [prompts, L, d_ff], one row per prompt
+        a = a.double()
+        self.n += a.shape[0]
+        self.sum = self.sum + a.sum(0)
+        self.sumsq = self.sumsq + (a * a).sum(0)
+
+
+def selectivity(target, distractor, eps=EPS):
+    """(S, mu_target, mu_distractor, sigma), each [L, d_ff]: S = (mu_t - mu_d) / (sigma + eps) (neuron paper eq. 2).
+
+    sigma is the standard deviation over all prompts of both sets pooled, with Bessel's correction (n - 1).
+    """
+    n = target.n + distractor.n
+    if target.n == 0 or distractor.n == 0 or n < 2:
+        raise CotpruneError("selectivity needs at least one target and one distractor prompt")
+    mu_t, mu_d = target.sum / target.n, distractor.sum / distractor.n
+    mean = (target.sum + distractor.sum) / n
+    var = ((target.sumsq + distractor.sumsq) - n * mean * mean).clamp(min=0) / (n - 1)
+    sigma = var.sqrt()
+    return ((mu_t - mu_d) / (sigma + eps)).float(), mu_t.float(), mu_d.float(), sigma.float()
+
+
+def mean_abs_activations(model, tokenizer, texts, device, batch, max_tokens, stats, desc, dtype=torch.float32):
+    """Add each prompt's mean |h| over its real tokens, per layer, to `stats`; h = act(gate x) * up x, the input of
+    down_proj (neuron paper eq. 1 and eq. 7). Prompts are right-padded; padding never enters a mean."""
+    downs = [down for _, _, down in gated_mlps(model)]
+    caught, mask = [None] * len(downs), {}
+
+    def grab(i):
+        def hook(mod, args):
+            m = mask["m"]  # [B, T, 1]
+            caught[i] = (args[0].abs().float() * m).sum(1) / m.sum(1)  # [B, d_ff]
+        return hook
+
+    hooks = [d.register_forward_pre_hook(grab(i)) for i, d in enumerate(downs)]
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # similar lengths together: little padding
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    try:
+        with torch.inference_mode(), autocast:
+            for k in tqdm(range(0, len(order), batch), desc=desc, unit="batch", disable=None):
+                enc = tokenizer([texts[j] for j in order[k: k + batch]], return_tensors="pt", padding=True,
+                                truncation=True, max_length=max_tokens, padding_side="right")
+                mask["m"] = enc["attention_mask"].to(device)[:, :, None].float()
+                model.base_model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                                 use_cache=False)  # the decoder only: no logits needed
+                stats.add(torch.stack(caught, dim=1).cpu())  # [B, L, d_ff]
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def kept_count(d_ff, sparsity, multiple):
+    """Neurons kept per layer: d_ff at sparsity 0, else the largest multiple of `multiple` not above
+    (1 - sparsity) * d_ff, so at least the nominal share goes (the neuron paper's Table 2 ratios)."""
+    if sparsity == 0:
+        return d_ff
+    keep = math.floor((1 - sparsity) * d_ff / multiple + 1e-9) * multiple
+    if keep < multiple:
+        raise CotpruneError(f"--sparsity {sparsity} with --multiple {multiple} would keep no neuron of {d_ff}")
+    return keep
+
+
+def choose_kept(S, keep, method, seed=0):
+    """Kept neuron indices per layer [L, keep], ascending. S: selectivity [L, d_ff] (unused by random).
+
+    selective drops the lowest S (distractor-leaning first), reverse the highest, random a seeded uniform draw."""
+    L, d_ff = S.shape
+    if method == "neuron-random":
+        g = torch.Generator().manual_seed(seed)
+        kept = torch.stack([torch.randperm(d_ff, generator=g)[:keep] for _ in range(L)])
+    else:
+        order = torch.sort(S, dim=1, descending=method == "neuron-selective", stable=True).indices
+        kept = order[:, :keep]  # the `keep` highest S (selective) or lowest S (reverse) of each layer
+    return kept.sort(dim=1).values
+
+
+def _sliced(linear, idx, dim):
+    """A new Linear holding only rows (dim 0) or columns (dim 1) `idx` of `linear`."""
+    W = linear.weight.detach().index_select(dim, idx.to(linear.weight.device)).clone()
+    bias = linear.bias is not None
+    new = torch.nn.Linear(W.shape[1], W.shape[0], bias=bias, device=W.device, dtype=W.dtype)
+    new.weight.data.copy_(W)
+    if bias:
+        b = linear.bias.detach()
+        new.bias.data.copy_(b.index_select(0, idx.to(b.device)) if dim == 0 else b)
+    return new
+
+
+def slice_mlps_(model, kept):
+    """Remove every neuron not in kept [L, keep]: rows of gate and up, columns of down (neuron paper eqs. 11-13)."""
+    for layer, (gate, up, down), idx in zip(decoder_layers(model), gated_mlps(model), kept):
+        mlp = layer.mlp
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = _sliced(gate, idx, 0), _sliced(up, idx, 0), _sliced(down, idx, 1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = kept.shape[1]
+    model.config.intermediate_size = kept.shape[1]
+
+
+def scores_meta(model_name, target, distractor, n_prompts, seqlen, dtype):
+    """What a selectivity cache was computed from: a cache from other inputs must not be reused."""
+    return {"cotprune_scores": "1", "source_model": os.path.realpath(model_name) if os.path.exists(model_name)
+            else model_name, "target": os.path.realpath(target), "distractor": os.path.realpath(distractor),
+            "n_prompts": str(n_prompts), "seqlen": str(seqlen), "score_dtype": dtype}
+
+
+def load_scores(path, meta, shape):
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        found = f.metadata() or {}
+        diff = [k for k in meta if found.get(k) != meta[k]]
+        if diff:
+            raise CotpruneError(f"{path} holds selectivity scores from other inputs ({', '.join(diff)} differ: "
+                                f"{found.get(diff[0])!r} vs {meta[diff[0]]!r}); delete it or give another --scores")
+        scores = {k: f.get_tensor(k) for k in ("selectivity", "mu_target", "mu_distractor", "sigma")}
+    if tuple(scores["selectivity"].shape) != shape:
+        raise CotpruneError(f"{path} holds scores of shape {tuple(scores['selectivity'].shape)}, the model has {shape}")
+    return scores
+
+
+def save_tensors(path, tensors, meta):
+    from safetensors.torch import save
+    with atomic_open(path, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+
+
+def read_prompt_sets(paths, n_prompts):
+    """[[prompt text]] per file: the first n_prompts (0 = all) records' `question` or `text`."""
+    sets = []
+    for path in paths:
+        records = read_jsonl(path, n_prompts)
+        sets.append(prompt_texts(records, path))
+        if n_prompts and len(records) < n_prompts:
+            log(f"note: {path} holds {len(records)} prompts, fewer than --n-prompts {n_prompts}")
+    return sets
+
+
+def neuron_scores(model, tokenizer, sets, seqlen, device, batch, cache, meta, dtype=torch.bfloat16):
+    """{selectivity, mu_target, mu_distractor, sigma} [L, d_ff] from the (target, distractor) prompt sets, or from
+    `cache` when it exists (written when not)."""
+    shape = (len(decoder_layers(model)), gated_mlps(model)[0][0].out_features)
+    if cache and os.path.exists(cache):
+        log(f"selectivity scores from {cache}")
+        return load_scores(cache, meta, shape)
+    t_stats, d_stats = (mean_abs_activations(model, tokenizer, texts, device, batch, seqlen, ActivationStats(), name,
+                                             dtype) for texts, name in zip(sets, ("target", "distractor")))
+    S, mu_t, mu_d, sigma = selectivity(t_stats, d_stats)
+    scores = {"selectivity": S, "mu_target": mu_t, "mu_distractor": mu_d, "sigma": sigma}
+    if cache:
+        save_tensors(cache, scores, meta)
+    return scores
+
+
+def neuron_report(S, kept, d_ff, multiple, sparsity):
+    """Exact removal ratio and, per layer, target- vs distractor-leaning neurons (S > 0 / S < 0; paper Figure 6)."""
+    layers = []
+    if S is not None:
+        removed = torch.ones_like(S, dtype=torch.bool).scatter_(1, kept, False)
+        layers = [{"layer": i, "target_leaning": int((s > 0).sum()), "distractor_leaning": int((s < 0).sum()),
+                   "removed_target_leaning": int(((s > 0) & r).sum()),
+                   "removed_distractor_leaning": int(((s < 0) & r).sum())}
+                  for i, (s, r) in enumerate(zip(S, removed))]
+    return {"nominal_ratio": sparsity, "d_ff": d_ff, "kept": kept.shape[1], "removed": d_ff - kept.shape[1],
+            "exact_ratio": 1 - kept.shape[1] / d_ff, "multiple": multiple, "layers": layers}
+
+
+def neuron_prune_(model, tokenizer, method, sparsity, multiple, seed, device, batch, seqlen, sets, meta, cache):
+    """Score (unless random), choose and slice away MLP neurons in place; returns (report, {file name: writer}).
+
+    sets: the (target, distractor) prompt texts, or None when `cache` holds the scores already."""
+    mlps = gated_mlps(model)
+    d_ff = mlps[0][0].out_features
+    if any(g.out_features != d_ff for g, _, _ in mlps):
+        raise CotpruneError("neuron pruning keeps one intermediate size for all blocks; this model's differ")
+    keep = kept_count(d_ff, sparsity, multiple)
+    scores, files = None, {}
+    if method != "neuron-random":
+        scores = neuron_scores(model, tokenizer, sets, seqlen, device, batch, cache, meta,
+                               getattr(torch, meta["score_dtype"]))
+    S = scores["selectivity"] if scores else torch.zeros(len(mlps), d_ff)
+    kept = choose_kept(S, keep, method, seed)
+    slice_mlps_(model, kept)
+    tensors = {**(scores or {}), "kept_indices": kept}
+    files["neuron_scores.safetensors"] = lambda path: save_tensors(path, tensors, {"method": method})
+    return neuron_report(scores["selectivity"] if scores else None, kept, d_ff, multiple, sparsity), files
+
+
 def sparsity_report(mats, model):
     rows = []
     for name, w in mats:
@@ -375,8 +622,12 @@ def check_args(args):
         raise CotpruneError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.method in CALIBRATED and not args.calib:
         raise CotpruneError(f"--method {args.method} needs --calib FILE.jsonl (texts, e.g. from calibrate.py)")
-    if args.method in CALIBRATED and args.prune_embeddings:
+    if args.method != "magnitude" and args.prune_embeddings:
         raise CotpruneError("--prune-embeddings works with --method magnitude only")
+    if args.method in NEURON_METHODS and nm:
+        raise CotpruneError(f"--method {args.method} removes whole neurons: give --sparsity, not --nm")
+    if args.multiple < 1 or args.n_prompts < 0:
+        raise CotpruneError("--multiple must be positive and --n-prompts non-negative")
     if nm and args.scope == "global":
         raise CotpruneError("--nm is a per-row pattern; it cannot take --scope global")
     if min(args.n_samples, args.seqlen, args.calib_batch, args.blocksize) < 1:
@@ -390,7 +641,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     sparsity, nm = check_args(args)
     model_source(args.model)  # a missing model fails here, before any work
-    texts = None
+    texts, prompt_sets = None, None
+    scores_id = scores_meta(args.model, args.target, args.distractor, args.n_prompts, args.seqlen, args.score_dtype)
+    if args.method in NEURON_METHODS[::2] and not (args.scores and os.path.exists(args.scores)):
+        prompt_sets = read_prompt_sets((args.target, args.distractor), args.n_prompts)  # bad input fails here
     if args.method in CALIBRATED:
         texts = read_jsonl(args.calib)
         require_fields(texts, ["text"], args.calib)
@@ -403,9 +657,13 @@ def main(argv=None):
         model = load_model(args.model, "cpu" if texts else device, dtype, args.trust_remote_code)
     log(f"loaded {args.model} in {t_load.seconds:.1f}s")
     mats = target_matrices(model, args.prune_embeddings)
-    calib_rows = []
+    calib_rows, neurons, extra_files = [], None, {}
     with Timer() as t_prune:
-        if texts is None:
+        if args.method in NEURON_METHODS:
+            neurons, extra_files = neuron_prune_(model, tok, args.method, sparsity, args.multiple, args.seed, device,
+                                                 args.calib_batch, args.seqlen, prompt_sets, scores_id, args.scores)
+            mats = target_matrices(model, False)  # the sliced matrices
+        elif texts is None:
             magnitude_prune_(mats, sparsity, args.scope, nm)
         else:
             windows = pack_windows(tok, [r["text"] for r in texts], args.n_samples, args.seqlen)
@@ -414,6 +672,10 @@ def main(argv=None):
     report = {"method": args.method, "sparsity": sparsity, "nm": args.nm, "scope": args.scope,
               "prune_embeddings": args.prune_embeddings, "source_model": args.model, **runtime,
               "seconds": t_prune.seconds, **sparsity_report(mats, model)}
+    if neurons:
+        report["neurons"] = neurons
+        log(f"{args.method}: kept {neurons['kept']} of {neurons['d_ff']} MLP neurons per layer (removed "
+            f"{neurons['exact_ratio']:.2%}); {report['model_params']:,} parameters")
     if calib_rows:
         by_name = {r["name"]: r for r in calib_rows}
         for row in report["matrices"]:
@@ -422,11 +684,13 @@ def main(argv=None):
                       n_samples=args.n_samples, seqlen=args.seqlen)
     src_meta = read_checkpoint_meta(args.model) if os.path.isdir(args.model) else {}
     base = src_meta.get("cotprune_args", {}).get("base_model", args.model)
-    log(f"{args.method} {args.nm or args.scope} sparsity {sparsity}: {report['pruned_zeros']:,} of "
-        f"{report['pruned_numel']:,} weights in {len(mats)} matrices are zero ({report['pruned_sparsity']:.4f}), "
-        f"{t_prune.seconds:.1f}s")
+    if not neurons:
+        log(f"{args.method} {args.nm or args.scope} sparsity {sparsity}: {report['pruned_zeros']:,} of "
+            f"{report['pruned_numel']:,} weights in {len(mats)} matrices are zero ({report['pruned_sparsity']:.4f}), "
+            f"{t_prune.seconds:.1f}s")
     save_model_folder(model.to("cpu"), tok, args.out, stage="prune", source_model=args.model,
-                      args={**vars(args), **runtime, "base_model": base}, extra_json={"prune_report.json": report})
+                      args={**vars(args), **runtime, "base_model": base}, extra_json={"prune_report.json": report},
+                      extra_files=extra_files)
     log(f"wrote {args.out}")
 
 

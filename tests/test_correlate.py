@@ -146,3 +146,36 @@ def test_correlate_rejects_a_checkpoint_from_another_model(tmp_path, tiny_llama,
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "another model" in r.stderr and r.stderr.strip().count("\n") == 0
     assert not (tmp_path / "c").exists()
+
+
+def test_neuron_study_report(tmp_path, tiny_llama):
+    """Tables 3-5 from hand-written summaries: each cell is the summary of the model it names."""
+    from test_neurons import write_prompts
+    target, distractor = write_prompts(tmp_path)
+    common = ["--model", tiny_llama, "--multiple", "32", "--target", target, "--distractor", distractor,
+              "--scores", str(tmp_path / "s.safetensors")]
+    folders = {}
+    for name, flags in [("dense", ["--method", "neuron-selective", "--sparsity", "0"]),
+                        ("sel", ["--method", "neuron-selective", "--sparsity", "0.3"]),
+                        ("rev", ["--method", "neuron-reverse", "--sparsity", "0.3"]),
+                        ("r7", ["--method", "neuron-random", "--sparsity", "0.3", "--seed", "7"])]:
+        folders[name] = str(tmp_path / name)
+        prune.main(common + flags + ["-o", folders[name]])
+    summaries = []
+    for k, (name, folder) in enumerate(folders.items()):
+        for stage, extra in (("score", {"accuracy": k / 10, "trap_rate": 0.5 + k / 10, "type1_rate": 0.1,
+                                        "type2_rate": 0.4 + k / 10, "F": 0.25, "n": 4}),
+                             ("generate", {"params": 1000 - k, "param_mb": 1.0, "peak_memory_mb": 10.0,
+                                           "tokens_per_s": 100.0 + k})):
+            path = tmp_path / f"{name}.{stage}.json"
+            path.write_text(json.dumps({"stage": stage, "model": folder, "style": "chat", **extra}))
+            summaries.append(str(path))
+    correlate.main(["--study", "neurons", "--base", folders["dense"], "--models", folders["sel"], folders["rev"],
+                    folders["r7"], "--summaries", *summaries, "-o", str(tmp_path / "rep")])
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| pruning (exact) | selective | random (seed 7) | reverse |" in report
+    assert "| 30% (50.00%) | 10.0 | 30.0 | 20.0 |" in report  # accuracy: sel k=1, r7 k=3, rev k=2
+    assert "| 30% (50.00%) | 60.0 | 80.0 | 70.0 |" in report  # traps
+    assert "| original | 1,000 | 1.0 | 10 | 100.0 |" in report
+    rows = json.loads((tmp_path / "rep" / "neurons.json").read_text())
+    assert [r["method"] for r in rows] == ["dense", "selective", "reverse", "random (seed 7)"]

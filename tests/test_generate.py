@@ -186,3 +186,20 @@ def test_perplexity_matches_brute_force(tmp_path, tiny_llama):
         total, count = total + nll, count + len(t)
     summary = json.loads((tmp_path / "p.summary.json").read_text())
     assert summary["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+@pytest.mark.parametrize("text, done", [("so \\boxed{42}", True), ("so \\boxed{42", False), ("boxed{4}", False),
+                                        ("\\boxed{\\frac{1}{2}}", True), ("\\boxed{\\frac{1}{2}", False),
+                                        ("\\boxed{3} then \\boxed{", True)])
+def test_boxed_complete(text, done):
+    assert generate.boxed_complete(text) is done
+
+
+def test_stop_boxed_fires_at_the_closing_brace(tiny_llama):
+    tok = load_tokenizer(tiny_llama)
+    ids = tok("First 3 + 4 = 7, so the answer is \\boxed{7}. Then more text.", add_special_tokens=False)["input_ids"]
+    check = generate.stop_checker(tok, [], boxed=True)
+    first = next(k for k in range(1, len(ids) + 1) if check(0, ids[:k]))
+    assert tok.decode(ids[:first]).rstrip().endswith("\\boxed{7}")  # brute force: the first prefix that closes it
+    assert not generate.boxed_complete(tok.decode(ids[: first - 1]))
+    assert generate.stop_checker(tok, [], boxed=False) is None
