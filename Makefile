@@ -193,12 +193,13 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
 
-## bench: generation vs. model.generate, correlate.py's time and memory, SparseGPT vs. its FLOP floor (~20 min)
+## bench: our decoding vs. model.generate, correlate.py cost, SparseGPT vs. its FLOP floor, LoRA and pruned speed (~25 min)
 bench: $(VENV)/.installed
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_generate.py --style chat --max-new-tokens 256
 	$(PY) bench/bench_correlate.py
 	$(PY) bench/bench_sparsegpt.py
+	$(PY) bench/bench_neurons.py
 
 ## clean: remove outputs (keeps .venv)
 clean:

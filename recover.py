@@ -309,6 +309,8 @@ def check_args(args):
         raise CotpruneError("--rank, --batch-size, --grad-accum, --save-every and --max-length must be positive")
     if not 0 <= args.dropout < 1:
         raise CotpruneError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 < args.mask_min_sparsity <= 1:
+        raise CotpruneError(f"--mask-min-sparsity must be in (0, 1], got {args.mask_min_sparsity}")
     if args.lr <= 0 or args.epochs <= 0 or args.max_steps < 0 or args.warmup_steps < 0:
         raise CotpruneError("--lr and --epochs must be positive, --max-steps and --warmup-steps non-negative")
     if os.path.abspath(args.out) == os.path.abspath(args.model):

@@ -210,9 +210,13 @@ def find_loop(text, max_period=LOOP_MAX_PERIOD, min_repeats=LOOP_MIN_REPEATS, mi
 def trap_type(text, stop=None, prompt=""):
     """('none' | 'type1' | 'type2', loop). A trap is a loop at the end of an output that did not end in EOS
     (neuron paper §4.7), found on the text with whitespace runs collapsed to one space (loop offsets refer to
-    that text). Type 1: a complete answer was stated before the loop's second repetition began; Type 2: not."""
+    that text). A tail of LOOP_MIN_CHARS or more whitespace characters (a model emitting blanks until the cap)
+    is a loop of period 1 that the collapsing would hide. Type 1: a complete answer was stated before the loop's
+    second repetition began; Type 2: not."""
     norm = re.sub(r"\s+", " ", text)
     loop = find_loop(norm)
+    if len(text) - len(text.rstrip()) >= LOOP_MIN_CHARS:
+        loop = (len(norm.rstrip()), 1)
     if loop is None or stop in ("eos", "stop"):
         return "none", loop
     start, period = loop

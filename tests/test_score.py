@@ -99,6 +99,20 @@ def test_trap_types():
     assert score.trap_type(loop, stop="eos")[0] == "none"  # ended properly: not a trap
     # the answer inside the first repetition still counts as complete (Type 1)
     assert score.trap_type("\\boxed{5} " * 8, stop="length")[0] == "type1"
+    # blanks until the cap (non-breaking spaces, newlines) are a loop too, though collapsing whitespace hides it
+    blank = "\n::::\n" + "\xa0" * 300
+    assert score.trap_type(blank, stop="length") == ("type2", (len(" ::::"), 1))  # at the collapsed run
+    assert score.trap_type("So \\boxed{4}." + "\n" * 60, stop="length")[0] == "type1"
+    assert score.trap_type("Done." + " " * 10, stop="length")[0] == "none"  # a short tail is not a loop
+
+
+def test_correct_answer_then_loop_counts_as_correct_and_as_a_trap():
+    rec = {"id": "a", "output": "3 + 4 = 7. The final answer is \\boxed{7}." + " \\boxed{7}." * 12,
+           "answer": "#### 7", "stop": "length"}
+    scored = score.score_record(rec)
+    assert scored["correct"] is True and scored["trap"] == "type1"
+    summary = score.summarize([scored, score.score_record({**rec, "id": "b", "stop": "stop"})])
+    assert (summary["accuracy"], summary["trap_rate"], summary["type1_rate"]) == (1.0, 0.5, 0.5)  # --stop-boxed: none
 
 
 def test_score_cli_pipe_and_summary(tmp_path):
