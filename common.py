@@ -6,6 +6,7 @@ project. Nothing here is a pruning or scoring algorithm; it is the plumbing thos
     JSONL      read_jsonl / write_jsonl / JsonlAppender   ('-' is stdin/stdout, errors name file and line)
     files      atomic_open / write_json                   (write X.tmp beside X, then os.replace)
     models     load_model / load_tokenizer / save_model_folder / read_checkpoint_meta / block_linears
+    tensors    write_safetensors / tensor_index                (never pickle)
     layers     decoder_layers / capture_block_inputs          (the layer-capture idiom, written once)
     runtime    resolve_device / resolve_dtype / set_seed / peak_memory_mb / param_counts
     decoding   decode                                      (batched greedy or sampled generation)
@@ -428,6 +429,13 @@ def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extr
         writer(os.path.join(tmp, name))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+
+
+def write_safetensors(path, tensors, meta=None):
+    """Write {name: tensor} as one safetensors file, atomically, with string metadata in its header."""
+    from safetensors.torch import save
+    with atomic_open(path, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
 def safetensors_files(folder):

@@ -37,9 +37,10 @@ import struct
 import torch
 from tqdm import tqdm
 
-from common import (CotpruneError, Timer, atomic_open, block_linears, capture_block_inputs, decoder_layers,
+from common import (CotpruneError, Timer, block_linears, capture_block_inputs, decoder_layers,
                     describe_runtime, load_model, load_tokenizer, log, model_source, param_counts, read_checkpoint_meta,
-                    read_jsonl, require_fields, resolve_device, run_cli, save_model_folder, set_seed)
+                    read_jsonl, require_fields, resolve_device, run_cli, save_model_folder, set_seed,
+                    write_safetensors)
 
 NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
 METHODS = ("magnitude", "wanda", "sparsegpt") + NEURON_METHODS
@@ -533,12 +534,6 @@ def load_scores(path, meta, shape):
     return scores
 
 
-def save_tensors(path, tensors, meta):
-    from safetensors.torch import save
-    with atomic_open(path, "wb") as f:
-        f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
-
-
 def read_prompt_sets(paths, n_prompts):
     """[[prompt text]] per file: the first n_prompts (0 = all) records' `question` or `text`."""
     sets = []
@@ -562,7 +557,7 @@ def neuron_scores(model, tokenizer, sets, seqlen, device, batch, cache, meta, dt
     S, mu_t, mu_d, sigma = selectivity(t_stats, d_stats)
     scores = {"selectivity": S, "mu_target": mu_t, "mu_distractor": mu_d, "sigma": sigma}
     if cache:
-        save_tensors(cache, scores, meta)
+        write_safetensors(cache, scores, meta)
     return scores
 
 
@@ -596,7 +591,7 @@ def neuron_prune_(model, tokenizer, method, sparsity, multiple, seed, device, ba
     kept = choose_kept(S, keep, method, seed)
     slice_mlps_(model, kept)
     tensors = {**(scores or {}), "kept_indices": kept}
-    files["neuron_scores.safetensors"] = lambda path: save_tensors(path, tensors, {"method": method})
+    files["neuron_scores.safetensors"] = lambda path: write_safetensors(path, tensors, {"method": method})
     return neuron_report(scores["selectivity"] if scores else None, kept, d_ff, multiple, sparsity), files
 
 
@@ -642,9 +637,12 @@ def main(argv=None):
     sparsity, nm = check_args(args)
     model_source(args.model)  # a missing model fails here, before any work
     texts, prompt_sets = None, None
-    scores_id = scores_meta(args.model, args.target, args.distractor, args.n_prompts, args.seqlen, args.score_dtype)
-    if args.method in NEURON_METHODS[::2] and not (args.scores and os.path.exists(args.scores)):
-        prompt_sets = read_prompt_sets((args.target, args.distractor), args.n_prompts)  # bad input fails here
+    scores_id = None
+    if args.method in ("neuron-selective", "neuron-reverse"):
+        scores_id = scores_meta(args.model, args.target, args.distractor, args.n_prompts, args.seqlen,
+                                args.score_dtype)
+        if not (args.scores and os.path.exists(args.scores)):
+            prompt_sets = read_prompt_sets((args.target, args.distractor), args.n_prompts)  # bad input fails here
     if args.method in CALIBRATED:
         texts = read_jsonl(args.calib)
         require_fields(texts, ["text"], args.calib)

@@ -30,10 +30,10 @@ import shutil
 import torch
 from tqdm import tqdm
 
-from common import (CotpruneError, Timer, atomic_open, chat_messages, chat_prompt, decoder_layers, describe_runtime,
+from common import (CotpruneError, Timer, chat_messages, chat_prompt, decoder_layers, describe_runtime,
                     eos_token_ids, load_model, load_tokenizer, log, model_source, param_counts, peak_memory_mb,
-                    read_checkpoint_meta, read_jsonl, require_fields, resolve_device, run_cli, save_model_folder,
-                    set_seed)
+                    read_checkpoint_meta, read_jsonl, require_fields, resolve_device, resolve_dtype, run_cli,
+                    save_model_folder, set_seed, write_jsonl, write_safetensors)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "gsm8k", "train.jsonl")
@@ -230,25 +230,23 @@ def lm_loss_sum(model, ids, attn, target):
 # ------------------------------------------------------------------------------------------- checkpoint/resume
 
 def adapter_tensors(adapters):
-    return {f"{n}.{k}": getattr(a, k).detach().float().cpu().contiguous()
+    return {f"{n}.{k}": getattr(a, k).detach().float().cpu()
             for n, a in adapters.items() for k in ("lora_A", "lora_B")}
 
 
 def save_checkpoint(folder, step, adapters, optimizer, settings):
     """Adapters, AdamW moments and step counts, and the RNG state, as one safetensors file (no pickle)."""
-    from safetensors.torch import save
     tensors = adapter_tensors(adapters)
     state = optimizer.state_dict()["state"]
     for i, s in state.items():
-        tensors[f"optim.{i}.exp_avg"] = s["exp_avg"].cpu().contiguous()
-        tensors[f"optim.{i}.exp_avg_sq"] = s["exp_avg_sq"].cpu().contiguous()
+        tensors[f"optim.{i}.exp_avg"] = s["exp_avg"].cpu()
+        tensors[f"optim.{i}.exp_avg_sq"] = s["exp_avg_sq"].cpu()
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {"step": str(step), "settings": json.dumps(settings, sort_keys=True),
             "optim_steps": json.dumps({str(i): float(s["step"]) for i, s in state.items()})}
-    with atomic_open(os.path.join(folder, "checkpoint.safetensors"), "wb") as f:
-        f.write(save(tensors, metadata=meta))
+    write_safetensors(os.path.join(folder, "checkpoint.safetensors"), tensors, meta)
 
 
 def load_checkpoint(folder, adapters, optimizer, settings):
@@ -297,11 +295,11 @@ def lr_at(step, lr, warmup, total):
 # ------------------------------------------------------------------------------------------------------ main
 
 def resolve_train_dtype(name, device):
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """common.resolve_dtype, except where bfloat16 is missing: float32 then (float16 training needs loss scaling)."""
+    dtype = resolve_dtype(name, device)
+    if name == "auto" and (dtype != torch.bfloat16 or device.type == "cuda" and not torch.cuda.is_bf16_supported()):
         return torch.float32
-    return torch.float32 if device.type == "mps" else torch.bfloat16
+    return dtype
 
 
 def check_args(args):
@@ -342,7 +340,7 @@ def main(argv=None):
     start = load_checkpoint(part, adapters, optimizer, settings)
     log_path = os.path.join(part, "loss.jsonl")
     losses = read_loss_log(log_path, start)
-    write_rows(log_path, losses)
+    write_jsonl(log_path, losses)
     if start:
         log(f"resuming at step {start} of {len(plan)} from {part}")
     log(f"LoRA r={args.rank} alpha={args.alpha:g} on {len(adapters)} Linears ({sum(p.numel() for p in params):,} "
@@ -380,14 +378,8 @@ def main(argv=None):
         f"{report['tokens_per_s']:.0f} tok/s; wrote {args.out}")
 
 
-def write_rows(path, rows):
-    with atomic_open(path) as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def finish(args, adapters, losses, runtime, device, tok, seconds, n_examples):
     """Merge the adapters into a fresh copy of the base (its own dtype, on the CPU) and write the output folder."""
-    from safetensors.torch import save
     merged = load_model(args.model, "cpu", None, args.trust_remote_code)
     names = list(adapters)
     modules = dict(merged.named_modules())
@@ -412,18 +404,12 @@ def finish(args, adapters, losses, runtime, device, tok, seconds, n_examples):
             "targets": ",".join(report["targets"]), "source_model": args.model}
     src_meta = read_checkpoint_meta(args.model) if os.path.isdir(args.model) else {}
     base = src_meta.get("cotprune_args", {}).get("base_model", args.model)
-    loss_rows = "".join(json.dumps(r) + "\n" for r in losses)
-    files = {"adapter.safetensors": lambda p: _write_bytes(p, save(adapter_tensors(adapters), metadata=meta)),
-             "loss.jsonl": lambda p: _write_bytes(p, loss_rows.encode())}
+    files = {"adapter.safetensors": lambda p: write_safetensors(p, adapter_tensors(adapters), meta),
+             "loss.jsonl": lambda p: write_jsonl(p, losses)}
     save_model_folder(merged, tok, args.out, stage="recover", source_model=args.model,
                       args={**vars(args), **runtime, "base_model": base}, extra_json={"recover_report.json": report},
                       extra_files=files)
     return report
-
-
-def _write_bytes(path, blob):
-    with atomic_open(path, "wb") as f:
-        f.write(blob)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def lora_model(folder, keep_mask=True, B_scale=0.0, seed=0):
     torch.manual_seed(seed)
     model = load(folder)
     adapters = recover.add_lora(model, set(recover.PROJECTIONS.split(",")), 4, 8, 0.0, keep_mask)
-    for a in adapters.values():
-        a.lora_B.data.normal_(std=B_scale) if B_scale else None
+    if B_scale:
+        for a in adapters.values():
+            a.lora_B.data.normal_(std=B_scale)
     return model.eval(), adapters
 
 
