@@ -46,7 +46,8 @@ OUT ?= out/$(SLUG)
 MODELS := $(OUT)/models
 RUN := $(OUT)/n$(N)
 ALL_SP := 0 $(SPARSITIES)
-GEN_FLAGS := --limit $(N) --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE)
+RT_FLAGS := --dtype $(DTYPE) --device $(DEVICE)
+GEN_FLAGS := --limit $(N) --batch-size $(BATCH) $(RT_FLAGS)
 SCORES := $(foreach st,$(STYLES),$(foreach sp,$(ALL_SP),$(RUN)/scores/$(st)/s$(sp).jsonl))
 
 RAC := $(OUT)/rac
@@ -110,7 +111,8 @@ $(RUN)/magnitude/report.md: $(SCORES) correlate.py common.py
 
 # ---- reasoning-aware compression: calibration sets, pruned models, chat evaluation, trace perplexity
 $(RAC)/calib/traces.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
-	$(PY) calibrate.py --model $(MODELS)/s0 --source traces --tokens $(CALIB_TOKENS) --max-new-tokens $(RAC_TOKENS) -o $@
+	$(PY) calibrate.py --model $(MODELS)/s0 --source traces --tokens $(CALIB_TOKENS) --max-new-tokens $(RAC_TOKENS) \
+	  --batch-size $(BATCH) $(RT_FLAGS) -o $@
 $(RAC)/calib/prompts.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
 	$(PY) calibrate.py --model $(MODELS)/s0 --source prompts --tokens $(CALIB_TOKENS) -o $@
 $(RAC)/calib/text.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
@@ -118,13 +120,14 @@ $(RAC)/calib/text.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
 # held-out traces: the last 500 train problems, never used for calibration
 $(RAC)/calib/heldout.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
 	tail -n 500 data/gsm8k/train.jsonl | $(PY) calibrate.py --model $(MODELS)/s0 --source traces - \
-	  --tokens $(HELDOUT_TOKENS) --max-new-tokens $(RAC_TOKENS) --seed 1 -o $@
+	  --tokens $(HELDOUT_TOKENS) --max-new-tokens $(RAC_TOKENS) --batch-size $(BATCH) $(RT_FLAGS) --seed 1 -o $@
 
 level_flag = $(if $(findstring of,$(1)),--nm $(subst of,:,$(1)),--sparsity $(1))
 calib_flag = $(if $(filter none,$(1)),,--calib $(RAC)/calib/$(1).jsonl --n-samples $(CALIB_SAMPLES) --seqlen $(SEQLEN))
 define RAC_MODEL
 $(RAC)/models/$(1)-$(2)-$(3)/config.json: $(MODELS)/s0/config.json $(if $(filter none,$(2)),,$(RAC)/calib/$(2).jsonl) prune.py common.py
-	$(PY) prune.py --model $(MODELS)/s0 --method $(1) $(call level_flag,$(3)) $(call calib_flag,$(2)) -o $$(@D)
+	$(PY) prune.py --model $(MODELS)/s0 --method $(1) $(call level_flag,$(3)) $(call calib_flag,$(2)) $(RT_FLAGS) \
+	  -o $$(@D)
 endef
 $(foreach m,$(RAC_METHODS),$(foreach l,$(RAC_LEVELS),$(eval $(call RAC_MODEL,$(word 1,$(subst -, ,$(m))),$(word 2,$(subst -, ,$(m))),$(l)))))
 
@@ -133,19 +136,19 @@ $(RAC)/models/dense/config.json: $(MODELS)/s0/config.json
 
 $(RAC)/n$(RAC_N)/gen/%.jsonl: $(RAC)/models/%/config.json data/gsm8k/test.jsonl generate.py common.py
 	$(PY) generate.py --model $(RAC)/models/$* --style chat --max-new-tokens $(RAC_TOKENS) --limit $(RAC_N) \
-	  --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE) data/gsm8k/test.jsonl -o $@
+	  --batch-size $(BATCH) $(RT_FLAGS) data/gsm8k/test.jsonl -o $@
 $(RAC)/n$(RAC_N)/scores/%.summary.json: $(RAC)/n$(RAC_N)/gen/%.jsonl score.py common.py
 	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
 $(RAC)/ppl/%.summary.json: $(RAC)/models/%/config.json $(RAC)/calib/heldout.jsonl generate.py common.py
-	$(PY) generate.py --model $(RAC)/models/$* --perplexity $(RAC)/calib/heldout.jsonl --dtype $(DTYPE) \
-	  --device $(DEVICE) -o $(@:.summary.json=.jsonl)
+	$(PY) generate.py --model $(RAC)/models/$* --perplexity $(RAC)/calib/heldout.jsonl $(RT_FLAGS) \
+	  -o $(@:.summary.json=.jsonl)
 
 $(RAC)/n$(RAC_N)/report.md: $(RAC_EVAL) correlate.py common.py
 	$(PY) correlate.py --study rac --base $(RAC)/models/dense --models $(addprefix $(RAC)/models/,$(RAC_NAMES)) \
 	  --summaries $(RAC_EVAL) $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/gen/$(n).summary.json) -o $(@D)
 
 # ---- task-specific neurons: selectivity once (with the dense copy), pruned models, LoRA recovery, chat evaluation
-NEU_FLAGS = --multiple $(MULTIPLE) --n-prompts $(NEURON_PROMPTS) --scores $(NEU)/selectivity.safetensors
+NEU_FLAGS = --multiple $(MULTIPLE) --n-prompts $(NEURON_PROMPTS) --scores $(NEU)/selectivity.safetensors $(RT_FLAGS)
 $(NEU)/models/dense/config.json: $(MODELS)/s0/config.json prune.py common.py
 	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity 0 $(NEU_FLAGS) -o $(@D)
 $(NEU)/models/selective-%/config.json: $(NEU)/models/dense/config.json prune.py common.py
@@ -155,16 +158,16 @@ $(NEU)/models/reverse-%/config.json: $(NEU)/models/dense/config.json prune.py co
 define RANDOM_MODEL
 $(NEU)/models/random$(1)-%/config.json: $(MODELS)/s0/config.json prune.py common.py
 	$(PY) prune.py --model $(MODELS)/s0 --method neuron-random --seed $(1) --sparsity $$* --multiple $(MULTIPLE) \
-	  -o $$(@D)
+	  $(RT_FLAGS) -o $$(@D)
 endef
 $(foreach s,$(RANDOM_SEEDS),$(eval $(call RANDOM_MODEL,$(s))))
 $(NEU)/models/lora-%/config.json: $(NEU)/models/%/config.json data/gsm8k/train.jsonl recover.py common.py
-	$(PY) recover.py --model $(NEU)/models/$* --max-steps $(RECOVER_STEPS) --lr $(RECOVER_LR) --device $(DEVICE) \
+	$(PY) recover.py --model $(NEU)/models/$* --max-steps $(RECOVER_STEPS) --lr $(RECOVER_LR) $(RT_FLAGS) \
 	  -o $(@D)
 
 $(NEU)/n$(NEURON_N)/gen/%.jsonl: $(NEU)/models/%/config.json data/gsm8k/test.jsonl generate.py common.py
 	$(PY) generate.py --model $(NEU)/models/$* --style chat --max-new-tokens $(NEURON_TOKENS) --limit $(NEURON_N) \
-	  --batch-size $(BATCH) --dtype $(DTYPE) --device $(DEVICE) data/gsm8k/test.jsonl -o $@
+	  --batch-size $(BATCH) $(RT_FLAGS) data/gsm8k/test.jsonl -o $@
 $(NEU)/n$(NEURON_N)/scores/%.summary.json: $(NEU)/n$(NEURON_N)/gen/%.jsonl score.py common.py
 	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
 
@@ -193,8 +196,9 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
 
-## bench: our decoding vs. model.generate, correlate.py cost, SparseGPT vs. its FLOP floor, LoRA and pruned speed (~25 min)
+## bench: float32 vs. bfloat16 and auto's pick, our decoding vs. model.generate, correlate.py cost, SparseGPT vs. its FLOP floor, LoRA and pruned speed (~25 min)
 bench: $(VENV)/.installed
+	$(PY) bench/bench_dtype.py
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_generate.py --style chat --max-new-tokens 256
 	$(PY) bench/bench_correlate.py

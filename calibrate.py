@@ -45,7 +45,9 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=16, help="traces: problems per forward pass")
     p.add_argument("--limit", type=int, default=0, help="first N input records; 0 = all")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype; auto = bfloat16 (float16 on mps)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype; auto = bfloat16 where the device runs it natively, else float32 (float16 on "
+                        "GPUs without bfloat16 and on MPS)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub")
@@ -120,9 +122,9 @@ def main(argv=None):
         log(f"{len(chosen)} {args.source} records, {sum(r['tokens'] for r in chosen):,} tokens")
         return
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype, why = resolve_dtype(args.dtype, device)
     set_seed(args.seed)
-    describe_runtime(device, dtype, args.seed)
+    describe_runtime(device, dtype, args.seed, why)
     out = JsonlAppender(args.out)
     if out.done:
         log(f"resuming: {len(out.done)} traces already in {args.out}.part")

@@ -221,14 +221,91 @@ def resolve_device(name="auto"):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BF16_ENV = "COTPRUNE_CPU_BF16"  # 1 / 0 overrides the CPU bfloat16 check (tests and CI force both paths with it)
 
 
-def resolve_dtype(name, device):
-    """'auto' = bfloat16 on CPU and CUDA (about 2.4x faster than float32 on our CPUs), float16 on MPS."""
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (x86 'flags', Arm 'Features'); None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def _bf16_probe():
+    """Is a decode-shaped bfloat16 matmul at least as fast as float32 here? (about 0.1 s; best of 3 each)"""
     import torch
-    if name == "auto":
-        return torch.float16 if device.type == "mps" else torch.bfloat16
-    return getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 512, generator=g), torch.randn(512, 1024, generator=g)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = a.to(dtype), b.to(dtype)
+        x @ w  # warm-up: oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ w
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] <= best[torch.float32], best[torch.float32] / best[torch.bfloat16]
+
+
+_CPU_BF16 = None  # (native, reason), decided once per process
+
+
+def cpu_bf16():
+    """(True if bfloat16 is both supported and fast on this CPU, the reason in words).
+
+    Native bfloat16 (avx512_bf16, AMX, Arm bf16) runs matmuls about 2x faster than float32 there; on CPUs without
+    it (AVX2-class x86: most laptops before 2022, AMD Zen 2/3, many cloud VMs) torch emulates bfloat16 5-60x slower
+    than float32. AVX-512 without bf16, and CPUs whose flags cannot be read, are settled by a timed probe.
+    """
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        forced = os.environ.get(BF16_ENV, "").strip()
+        flags = cpu_flags()
+        if forced in ("0", "1"):
+            _CPU_BF16 = forced == "1", f"{BF16_ENV}={forced}"
+        elif forced:
+            raise CotpruneError(f"{BF16_ENV} must be 0 or 1 (or unset), got {forced!r}")
+        elif flags is not None and flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+            _CPU_BF16 = True, "this CPU has native bfloat16 (" + ", ".join(
+                sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})) + ")"
+        elif flags is not None and "avx2" in flags and "avx512bw" not in flags:
+            _CPU_BF16 = False, "this CPU has no native bfloat16 (AVX2 only)"
+        else:
+            fast, ratio = _bf16_probe()
+            _CPU_BF16 = fast, (f"a timed probe found bfloat16 matmuls {ratio:.2f}x the speed of float32 on this CPU, "
+                               f"which has no native bfloat16 flag")
+    return _CPU_BF16
+
+
+def resolve_dtype(name, device, training=False):
+    """(torch dtype, reason) for --dtype `name` on `device`; 'auto' picks what is supported and fast there.
+
+    CPU: bfloat16 where cpu_bf16() says it is native and fast, else float32. CUDA: bfloat16 where the GPU has it
+    natively (Ampere and later), else float16 for inference and float32 for training (float16 training needs loss
+    scaling, which recover.py does not do). MPS: float16 for inference, float32 for training. SparseGPT's Hessians
+    and all statistics are accumulated in float32 or float64 whatever this returns.
+    """
+    import torch
+    if name != "auto":
+        return getattr(torch, name), f"--dtype {name}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "this GPU has native bfloat16"
+        if training:
+            return torch.float32, "this GPU has no native bfloat16, and float16 training would need loss scaling"
+        return torch.float16, "this GPU has no native bfloat16"
+    if device.type == "mps":
+        return (torch.float32, "training on MPS") if training else (torch.float16, "MPS")
+    native, reason = cpu_bf16()
+    return (torch.bfloat16 if native else torch.float32), reason
 
 
 def set_seed(seed):
@@ -260,9 +337,11 @@ def param_counts(model):
     return total, nonzero, nbytes
 
 
-def describe_runtime(device, dtype, seed):
-    log(f"device {device}, dtype {str(dtype).replace('torch.', '')}, seed {seed}")
-    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "seed": seed}
+def describe_runtime(device, dtype, seed, dtype_reason=None):
+    """Log the resolved device, dtype (and why) and seed once; the dict goes into summaries and metadata."""
+    name = str(dtype).replace("torch.", "")
+    log(f"device {device}, dtype {name}" + (f" ({dtype_reason})" if dtype_reason else "") + f", seed {seed}")
+    return {"device": str(device), "dtype": name, "dtype_reason": dtype_reason, "seed": seed}
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -520,35 +599,39 @@ def _pick(logits, temperature, top_k, top_p, generator):
 @contextlib.contextmanager
 def fast_linears(model):
     """Within the block, run the model's bfloat16 nn.Linear layers on the CPU through oneDNN with each weight packed
-    once, instead of repacked at every call (1.4-1.8x faster matmuls on our CPUs, same numbers bit for bit).
+    once, instead of repacked at every call (1.4-1.8x faster matmuls on a CPU with native bfloat16, avx512_bf16;
+    same numbers bit for bit). Yields True if the packed path is in use.
 
-    A no-op elsewhere (GPU, other dtypes, no oneDNN) or if a probe disagrees with F.linear. The packed copies live
-    only inside the block; the modules are restored on exit. It is the same arithmetic, so outputs do not change.
+    It steps aside (yields False, changes nothing) on GPUs, for other dtypes, without oneDNN, where the CPU lacks
+    the instructions oneDNN's bfloat16 path needs (it raises on AVX2-only CPUs), where COTPRUNE_CPU_BF16=0, or if a
+    probe disagrees with F.linear. The packed copies live only inside the block; the modules are restored on exit.
     """
     import torch
     mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16
             and m.weight.device.type == "cpu"]
-    if not (mods and torch.backends.mkldnn.is_available() and _packed_linear_works(mods[0])):
-        yield
+    if not (mods and os.environ.get(BF16_ENV) != "0" and torch.backends.mkldnn.is_available()
+            and _packed_linear_works(mods[0])):
+        yield False
         return
     packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 16) for m in mods]
     for m, w in zip(mods, packed):
         m.forward = lambda x, w=w, b=m.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     try:
-        yield
+        yield True
     finally:
         for m in mods:
             del m.forward  # back to nn.Linear.forward
 
 
 def _packed_linear_works(mod):
+    """Does oneDNN's packed bfloat16 linear run here and agree with F.linear bit for bit?"""
     import torch
     try:
         x = torch.randn(3, 2, mod.in_features, dtype=mod.weight.dtype)
         w = torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), 16)
         got = torch.ops.mkldnn._linear_pointwise(x, w, mod.bias, "none", [], "")
         return torch.equal(got, torch.nn.functional.linear(x, mod.weight, mod.bias))
-    except (RuntimeError, AttributeError):
+    except (RuntimeError, AttributeError):  # AVX2-only CPUs: "bf16 path needs the cpu support avx_ne_convert or ..."
         return False
 
 

@@ -63,7 +63,9 @@ def build_parser():
                    help="score the `trace` of each record after its `prompt` (teacher-forced, no generation)")
     p.add_argument("--summary", default=None, help="summary JSON path; default OUT.summary.json (none for stdout)")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype; auto = bfloat16 (float16 on mps)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype; auto = bfloat16 where the device runs it natively, else float32 (float16 on "
+                        "GPUs without bfloat16 and on MPS)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub")
@@ -173,9 +175,9 @@ def main(argv=None):
     max_new = args.max_new_tokens or style["max_new_tokens"]
     stops = [] if args.no_stop else (args.stop if args.stop is not None else style["stop"])
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype, why = resolve_dtype(args.dtype, device)
     set_seed(args.seed)
-    runtime = describe_runtime(device, dtype, args.seed)
+    runtime = describe_runtime(device, dtype, args.seed, why)
     summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
     if args.perplexity:
         summary = perplexity_main(args, problems, device, dtype, runtime)

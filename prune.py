@@ -37,9 +37,9 @@ import struct
 import torch
 from tqdm import tqdm
 
-from common import (CotpruneError, Timer, block_linears, capture_block_inputs, decoder_layers,
+from common import (DTYPES, CotpruneError, Timer, block_linears, capture_block_inputs, decoder_layers,
                     describe_runtime, load_model, load_tokenizer, log, model_source, param_counts, read_checkpoint_meta,
-                    read_jsonl, require_fields, resolve_device, run_cli, save_model_folder, set_seed,
+                    read_jsonl, require_fields, resolve_device, resolve_dtype, run_cli, save_model_folder, set_seed,
                     write_safetensors)
 
 NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
@@ -76,13 +76,14 @@ def build_parser():
                    help="neuron methods: JSONL of distractor prompts (`question` or `text`); default data/distract")
     p.add_argument("--n-prompts", type=int, default=800, help="neuron methods: prompts taken from each set; 0 = all")
     p.add_argument("--multiple", type=int, default=128, help="neuron methods: kept neurons per layer are a multiple")
-    p.add_argument("--score-dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="neuron methods: autocast dtype of the forward passes that measure activations (bfloat16 is "
-                        "about 2x faster on CPU; the statistics themselves are summed in float64)")
     p.add_argument("--scores", default=None,
                    help="neuron methods: selectivity cache (.safetensors): read if it exists, else computed and "
                         "written there")
-    p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype of the calibrated and neuron methods' forward passes; auto = bfloat16 where "
+                        "the device runs it natively, else float32 (float16 on GPUs without bfloat16). Gram matrices, "
+                        "Hessians and activation statistics are summed in float32/float64 whatever this is")
+    p.add_argument("--save-dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="storage dtype of the output; keep = the source checkpoint's")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
     p.add_argument("--seed", type=int, default=0, help="neuron-random's draw (other methods use no randomness)")
@@ -305,17 +306,24 @@ def run_block(layer, inputs, kwargs, device, batch):
 
 def input_groups(layer, sample, kwargs, device):
     """Names of the block's Linears grouped by the tensor they read (q/k/v share one, gate/up another)."""
-    seen, hooks = {}, []
+    groups, held, hooks = {}, [], []
+
+    def note(name, x):
+        # Keyed by the tensor object, which `held` keeps alive: a freed input's address can be reused by the next
+        # (e.g. o_proj's input landing where the attention norm's output was), so data_ptr() alone merged groups.
+        if not any(x is h for h in held):
+            held.append(x)
+        groups.setdefault(next(k for k, h in enumerate(held) if x is h), []).append(name)
+
     for name, mod in layer.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(
-                lambda m, args, out, name=name: seen.setdefault((args[0].data_ptr(), args[0].shape), []).append(name)))
+            hooks.append(mod.register_forward_hook(lambda m, args, out, name=name: note(name, args[0])))
     try:
         run_block(layer, sample, kwargs, device, 1)
     finally:
         for h in hooks:
             h.remove()
-    return list(seen.values())
+    return list(groups.values())
 
 
 def gram_matrices(layer, groups, inputs, kwargs, device, batch):
@@ -638,21 +646,25 @@ def main(argv=None):
     model_source(args.model)  # a missing model fails here, before any work
     texts, prompt_sets = None, None
     scores_id = None
+    device = resolve_device(args.device)
+    dtype, why = resolve_dtype(args.dtype, device)  # the compute dtype of calibrated and neuron methods
     if args.method in ("neuron-selective", "neuron-reverse"):
         scores_id = scores_meta(args.model, args.target, args.distractor, args.n_prompts, args.seqlen,
-                                args.score_dtype)
+                                str(dtype).replace("torch.", ""))
         if not (args.scores and os.path.exists(args.scores)):
             prompt_sets = read_prompt_sets((args.target, args.distractor), args.n_prompts)  # bad input fails here
     if args.method in CALIBRATED:
         texts = read_jsonl(args.calib)
         require_fields(texts, ["text"], args.calib)
-    device = resolve_device(args.device)
-    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    save_dtype = None if args.save_dtype == "keep" else getattr(torch, args.save_dtype)
     set_seed(args.seed)
-    runtime = describe_runtime(device, dtype or "keep", args.seed)
+    runtime = describe_runtime(device, dtype, args.seed, why)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     with Timer() as t_load:  # calibrated methods bring one block at a time to the device
-        model = load_model(args.model, "cpu" if texts else device, dtype, args.trust_remote_code)
+        model = load_model(args.model, "cpu" if texts else device, save_dtype, args.trust_remote_code)
+    save_dtype = model.dtype  # keep = what the checkpoint holds
+    if texts is not None:
+        model.to(dtype)  # the blocks compute in the compute dtype; the weights are stored back in save_dtype
     log(f"loaded {args.model} in {t_load.seconds:.1f}s")
     mats = target_matrices(model, args.prune_embeddings)
     calib_rows, neurons, extra_files = [], None, {}
@@ -669,6 +681,7 @@ def main(argv=None):
                                            args.percdamp, args.calib_batch)
     report = {"method": args.method, "sparsity": sparsity, "nm": args.nm, "scope": args.scope,
               "prune_embeddings": args.prune_embeddings, "source_model": args.model, **runtime,
+              "save_dtype": str(save_dtype).replace("torch.", ""),
               "seconds": t_prune.seconds, **sparsity_report(mats, model)}
     if neurons:
         report["neurons"] = neurons
@@ -686,7 +699,7 @@ def main(argv=None):
         log(f"{args.method} {args.nm or args.scope} sparsity {sparsity}: {report['pruned_zeros']:,} of "
             f"{report['pruned_numel']:,} weights in {len(mats)} matrices are zero ({report['pruned_sparsity']:.4f}), "
             f"{t_prune.seconds:.1f}s")
-    save_model_folder(model.to("cpu"), tok, args.out, stage="prune", source_model=args.model,
+    save_model_folder(model.to("cpu", save_dtype), tok, args.out, stage="prune", source_model=args.model,
                       args={**vars(args), **runtime, "base_model": base}, extra_json={"prune_report.json": report},
                       extra_files=extra_files)
     log(f"wrote {args.out}")

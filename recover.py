@@ -30,7 +30,7 @@ import shutil
 import torch
 from tqdm import tqdm
 
-from common import (CotpruneError, Timer, chat_messages, chat_prompt, decoder_layers, describe_runtime,
+from common import (DTYPES, CotpruneError, Timer, chat_messages, chat_prompt, decoder_layers, describe_runtime,
                     eos_token_ids, load_model, load_tokenizer, log, model_source, param_counts, peak_memory_mb,
                     read_checkpoint_meta, read_jsonl, require_fields, resolve_device, resolve_dtype, run_cli,
                     save_model_folder, set_seed, write_jsonl, write_safetensors)
@@ -71,8 +71,9 @@ def build_parser():
     p.add_argument("--save-every", type=int, default=25, help="checkpoint every N optimiser steps (for resume)")
     p.add_argument("--limit", type=int, default=0, help="first N training records; 0 = all")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="compute dtype of the frozen base; auto = bfloat16 where supported, else float32")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype of the frozen base; auto = bfloat16 where the device runs it natively, "
+                        "else float32 (never float16: training it would need loss scaling)")
     p.add_argument("--seed", type=int, default=0, help="adapter initialisation, data order and dropout")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub")
@@ -294,14 +295,6 @@ def lr_at(step, lr, warmup, total):
 
 # ------------------------------------------------------------------------------------------------------ main
 
-def resolve_train_dtype(name, device):
-    """common.resolve_dtype, except where bfloat16 is missing: float32 then (float16 training needs loss scaling)."""
-    dtype = resolve_dtype(name, device)
-    if name == "auto" and (dtype != torch.bfloat16 or device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-        return torch.float32
-    return dtype
-
-
 def check_args(args):
     if min(args.rank, args.batch_size, args.grad_accum, args.save_every, args.max_length) < 1:
         raise CotpruneError("--rank, --batch-size, --grad-accum, --save-every and --max-length must be positive")
@@ -322,9 +315,9 @@ def main(argv=None):
     require_fields(records, ["question", "answer"], args.input)
     model_source(args.model)  # a missing model fails here, before any work
     device = resolve_device(args.device)
-    dtype = resolve_train_dtype(args.dtype, device)
+    dtype, why = resolve_dtype(args.dtype, device, training=True)
     set_seed(args.seed)
-    runtime = describe_runtime(device, dtype, args.seed)
+    runtime = describe_runtime(device, dtype, args.seed, why)
     targets = {t.strip() for t in args.targets.split(",") if t.strip()}
     settings = {k: getattr(args, k) for k in TRAINING_FLAGS}
     tok = load_tokenizer(args.model, args.trust_remote_code)

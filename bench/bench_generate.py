@@ -70,7 +70,7 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best time of each counts")
     args = p.parse_args()
     device = torch.device("cpu")
-    dtype = resolve_dtype(args.dtype, device)
+    dtype, _ = resolve_dtype(args.dtype, device)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, device, dtype)
     eos, pad = eos_token_ids(model, tok), tok.pad_token_id

@@ -1,6 +1,7 @@
 """generate.py and common.decode: same greedy tokens as model.generate, resumable, stop strings, summary."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -131,16 +132,43 @@ def test_pipe_to_stdout_and_bad_input(tmp_path, tiny_llama):
     assert not list(tmp_path.glob("o.jsonl*"))
 
 
+def packed_bf16_available():
+    """Can this CPU run oneDNN's packed bfloat16 linear at all (asked of torch directly, not of common)?"""
+    w = torch.randn(8, 8, dtype=torch.bfloat16)
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(w, 4)
+        return torch.backends.mkldnn.is_available()
+    except RuntimeError:  # AVX2-only CPUs
+        return False
+
+
 def test_fast_linears_same_tokens_and_restores(tiny_llama):
+    """The packed path where this CPU has it, the fallback where it has not (or COTPRUNE_CPU_BF16=0 forces it):
+    either way the same tokens, and the modules restored afterwards."""
     tok = load_tokenizer(tiny_llama)
     model = load_model(tiny_llama, torch.device("cpu"), torch.bfloat16)
     prompts = [tok(t)["input_ids"] for t in ["Tom has 3 apples.", "How many eggs?"]]
     plain = decode(model, prompts, 10, set(), tok.pad_token_id)
-    with common.fast_linears(model):
-        assert any("forward" in vars(m) for m in model.modules())  # really swapped in (oneDNN is on this CPU)
+    expect = packed_bf16_available() and os.environ.get(common.BF16_ENV) != "0"
+    with common.fast_linears(model) as used:
+        assert used == expect
+        assert any("forward" in vars(m) for m in model.modules()) == expect  # swapped in exactly when usable
         packed = decode(model, prompts, 10, set(), tok.pad_token_id)
     assert packed == plain
     assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_fast_linears_step_aside_when_forced_off(tiny_llama, monkeypatch):
+    monkeypatch.setenv(common.BF16_ENV, "0")
+    model = load_model(tiny_llama, torch.device("cpu"), torch.bfloat16)
+    with common.fast_linears(model) as used:
+        assert used is False and not any("forward" in vars(m) for m in model.modules())
+
+
+def test_fast_linears_leave_float32_alone(tiny_llama):
+    model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    with common.fast_linears(model) as used:
+        assert used is False
 
 
 def test_resumed_sampling_equals_uninterrupted(tmp_path, tiny_llama, monkeypatch):
