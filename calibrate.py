@@ -20,9 +20,10 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, CotpruneError, JsonlAppender, chat_prompt, decode, describe_runtime, eos_token_ids,
-                    fast_linears, load_model, load_tokenizer, log, model_source, read_jsonl, require_fields,
-                    resolve_device, resolve_dtype, run_cli, set_seed, write_jsonl)
+from common import (DTYPES, ArgumentParser, CotpruneError, JsonlAppender, chat_prompt, check_output_file, count,
+                    decode, describe_runtime, eos_token_ids, fast_linears, load_model, load_tokenizer, log,
+                    model_source, non_negative, positive, read_jsonl, require_fields, resolve_device, resolve_dtype,
+                    resolved_model, run_cli, runtime_info, set_seed, share, write_jsonl)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_INPUT = {"traces": f"{DATA}/gsm8k/train.jsonl", "prompts": f"{DATA}/gsm8k/train.jsonl",
@@ -30,25 +31,26 @@ DEFAULT_INPUT = {"traces": f"{DATA}/gsm8k/train.jsonl", "prompts": f"{DATA}/gsm8
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("input", nargs="?", default=None,
                    help="problems ({id, question}) or texts ({id, text}) JSONL; default: GSM8K train for traces and "
                         "prompts, the distractor set for text; - = stdin")
     p.add_argument("--model", required=True, help="the dense model (its tokenizer counts tokens; traces: it writes)")
     p.add_argument("--source", choices=("traces", "prompts", "text"), required=True, help="kind of calibration text")
     p.add_argument("-o", "--out", required=True, help="output JSONL; - = stdout (no resume)")
-    p.add_argument("--tokens", type=int, default=32768, help="stop once this many tokens are collected; 0 = all input")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="traces: cap per trace")
-    p.add_argument("--temperature", type=float, default=0.7, help="traces: sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=50, help="traces: keep the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, default=1.0, help="traces: nucleus mass")
-    p.add_argument("--batch-size", type=int, default=16, help="traces: problems per forward pass")
-    p.add_argument("--limit", type=int, default=0, help="first N input records; 0 = all")
+    p.add_argument("--tokens", type=count, default=32768,
+                   help="stop once this many tokens are collected; 0 = all input")
+    p.add_argument("--max-new-tokens", type=positive, default=512, help="traces: cap per trace")
+    p.add_argument("--temperature", type=non_negative, default=0.7, help="traces: sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=count, default=50, help="traces: keep the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=share, default=1.0, help="traces: nucleus mass, in (0, 1]")
+    p.add_argument("--batch-size", type=positive, default=16, help="traces: problems per forward pass")
+    p.add_argument("--limit", type=count, default=0, help="first N input records; 0 = all")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype; auto = bfloat16 where the device runs it natively, else float32 (float16 on "
                         "GPUs without bfloat16 and on MPS)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=count, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub")
     return p
@@ -79,23 +81,25 @@ def text_records(tokenizer, records, source):
     return out
 
 
-def collect_traces(model, tokenizer, problems, out, args, generator):
-    """Sample traces batch by batch in file order until the token budget is met; appends to `out`."""
+def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_tokens, sampling, seed, generator):
+    """Sample traces batch by batch in file order until `budget` tokens (0 = all) are collected; appends to `out`.
+
+    sampling: (temperature, top_k, top_p)."""
     eos = eos_token_ids(model, tokenizer)
     total = sum(r["tokens"] for r in out.records)
-    plan = [problems[i: i + args.batch_size] for i in range(0, len(problems), args.batch_size)]
-    with tqdm(total=args.tokens or None, initial=total, desc="trace tokens", unit="tok", disable=None) as bar, \
+    plan = [problems[i: i + batch_size] for i in range(0, len(problems), batch_size)]
+    with tqdm(total=budget or None, initial=total, desc="trace tokens", unit="tok", disable=None) as bar, \
             fast_linears(model):
         for k, batch in enumerate(plan):
-            if args.tokens and total >= args.tokens:
+            if budget and total >= budget:
                 break
             todo = [p for p in batch if p["id"] not in out.done]
             if not todo:
                 continue
-            generator.manual_seed(args.seed * 1_000_003 + k)  # the same stream for a batch, resumed or not
+            generator.manual_seed(seed * 1_000_003 + k)  # the same stream for a batch, resumed or not
             prompts = [chat_prompt(tokenizer, p["question"]) for p in todo]
-            results = decode(model, [ids for _, ids in prompts], args.max_new_tokens, eos, tokenizer.pad_token_id,
-                             None, args.temperature, args.top_k, args.top_p, generator)
+            results = decode(model, [ids for _, ids in prompts], max_new_tokens, eos, tokenizer.pad_token_id,
+                             None, *sampling, generator)
             recs = []
             for p, (text, ids), (new, reason) in zip(todo, prompts, results):
                 trace = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
@@ -109,11 +113,15 @@ def collect_traces(model, tokenizer, problems, out, args, generator):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.tokens < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise CotpruneError("--tokens must be >= 0, --batch-size and --max-new-tokens >= 1")
+    if args.top_p == 0:
+        raise CotpruneError("--top-p 0 keeps no token; use a value in (0, 1]")
+    check_output_file(args.out)
     path = args.input or DEFAULT_INPUT[args.source]
     records = read_jsonl(path, args.limit)
-    require_fields(records, ["id", "text"] if args.source == "text" else ["id", "question"], path)
+    field = "text" if args.source == "text" else "question"
+    require_fields(records, ["id", field], path, strings=[field])
+    if not records:
+        raise CotpruneError(f"{path} holds no records")
     model_source(args.model)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     if args.source != "traces":
@@ -124,12 +132,19 @@ def main(argv=None):
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
     set_seed(args.seed)
-    describe_runtime(device, dtype, args.seed, why)
-    out = JsonlAppender(args.out)
+    runtime = runtime_info(device, dtype, args.seed, why)
+    out = JsonlAppender(args.out, {"stage": "calibrate", "model": resolved_model(args.model),
+                                   "input": resolved_model(path), "limit": args.limit,
+                                   "max_new_tokens": args.max_new_tokens,
+                                   "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                                   "seed": args.seed, "batch_size": args.batch_size, "dtype": runtime["dtype"],
+                                   "device": runtime["device"]})
+    describe_runtime(device, dtype, args.seed, why)  # after the checks above, so a refusal is one line
     if out.done:
         log(f"resuming: {len(out.done)} traces already in {args.out}.part")
     model = load_model(args.model, device, dtype, args.trust_remote_code)
-    collect_traces(model, tok, records, out, args, torch.Generator(device))
+    collect_traces(model, tok, records, out, args.tokens, args.batch_size, args.max_new_tokens,
+                   (args.temperature, args.top_k, args.top_p), args.seed, torch.Generator(device))
     order = {r["id"]: k for k, r in enumerate(records)}
     chosen = take_until(sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]]),
                         args.tokens)

@@ -11,6 +11,7 @@ project. Nothing here is a pruning or scoring algorithm; it is the plumbing thos
     runtime    resolve_device / resolve_dtype / set_seed / peak_memory_mb / param_counts
     decoding   decode                                      (batched greedy or sampled generation)
 """
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -37,13 +38,51 @@ def log(*parts):
     print(*parts, file=sys.stderr, flush=True)
 
 
+def one_line(text, limit=400):
+    """A message folded onto one line (whitespace runs become one space), cut at `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ('prog: error: ...; see --help'), not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, low, high=None, low_open=False, what=""):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if v != v or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({what})")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+count = _number(int, 0, what="a whole number >= 0")  # --limit, --tokens ...: 0 usually means 'all'
+positive = _number(int, 1, what="a whole number >= 1")  # --batch-size, --max-new-tokens ...
+non_negative = _number(float, 0.0, what="a number >= 0")  # --temperature ...
+share = _number(float, 0.0, 1.0, what="a number in [0, 1]")  # --top-p, --dropout ...
+
+
 def run_cli(main):
     """Run a stage's main(); turn user errors into one line and a non-zero exit, keep `| head` quiet."""
     prog = os.path.basename(sys.argv[0])
     try:
         sys.exit(main())
     except CotpruneError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a read-only folder, a path under a file: the system's words, on one line
+        if isinstance(e, BrokenPipeError):
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (a rerun continues where this stopped)", file=sys.stderr)
@@ -66,9 +105,18 @@ def atomic_open(path, mode="w"):
         yield sys.stdout
         sys.stdout.flush()
         return
+    import tempfile
+    if os.path.isdir(path):
+        raise CotpruneError(f"{path} is a folder: name a file")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    f = open(tmp, mode, encoding=None if "b" in mode else "utf-8")
+    # A fresh hidden name beside `path`, never X.tmp: a file of the user's with that name stays untouched, and two
+    # runs writing the same output do not write into one temporary file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(
+        os.path.abspath(path)))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets the permissions open() would give it
+    f = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
     try:
         yield f
         f.flush()
@@ -77,14 +125,39 @@ def atomic_open(path, mode="w"):
         os.replace(tmp, path)
     except BaseException:
         f.close()
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
+def check_output_file(path):
+    """Refuse, before any work, an output path that cannot become a file ('-' is stdout and always fine)."""
+    if path == "-":
+        return
+    if os.path.isdir(path):
+        raise CotpruneError(f"-o {path} is a folder: name a file")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CotpruneError(f"-o {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise CotpruneError(f"-o {path}: {existing} is not writable")
+
+
+def dumps(obj, **kw):
+    """Strict JSON (no NaN or Infinity, which other readers reject); a non-finite number is a CotpruneError."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, **kw)
+    except ValueError:
+        rid = obj.get("id", "?") if isinstance(obj, dict) else "?"
+        raise CotpruneError(f"record {rid!r} holds a NaN or infinite number, which strict JSON cannot hold") from None
+
+
 def write_json(path, obj):
+    text = dumps(obj, indent=2)
     with atomic_open(path) as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def read_json(path, what="JSON file"):
@@ -93,6 +166,10 @@ def read_json(path, what="JSON file"):
             return json.load(f)
     except FileNotFoundError:
         raise CotpruneError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise CotpruneError(f"{what} {path} is a folder, not a file") from None
+    except UnicodeDecodeError as e:
+        raise CotpruneError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CotpruneError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
 
@@ -117,15 +194,22 @@ def read_jsonl(path, limit=0):
             raise CotpruneError("reading JSONL from stdin, but stdin is a terminal: pipe a file in or name one")
         f, name = sys.stdin, "<stdin>"
     else:
+        if os.path.isdir(path):
+            raise CotpruneError(f"input {path} is a folder, not a JSONL file")
         try:
-            f, name = open(path, encoding="utf-8"), path
+            f, name = open(path, "rb"), path
         except FileNotFoundError:
             raise CotpruneError(f"input file not found: {path}") from None
     records = []
     with contextlib.ExitStack() as stack:
         if f is not sys.stdin:
             stack.enter_context(f)
-        for lineno, line in enumerate(f, 1):
+        lines = getattr(f, "buffer", f) if f is sys.stdin else f
+        for lineno, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError as e:
+                raise CotpruneError(f"{name}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
             if line.strip():
                 records.append(_parse_jsonl_line(line, name, lineno))
                 if limit and len(records) >= limit:
@@ -133,11 +217,20 @@ def read_jsonl(path, limit=0):
     return records
 
 
-def require_fields(records, fields, name):
+def require_fields(records, fields, name, strings=()):
+    """Every record has `fields`, the ones in `strings` as strings, an `id` (if any) that is a string or an integer,
+    and no id twice."""
     for i, rec in enumerate(records, 1):
         missing = [k for k in fields if k not in rec]
         if missing:
             raise CotpruneError(f"{name}: record {i} (id {rec.get('id', '?')!r}) lacks field(s) {', '.join(missing)}")
+        if "id" in rec and (isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int))):
+            raise CotpruneError(f"{name}: record {i} has an id of type {type(rec['id']).__name__}: ids are strings "
+                                f"or integers")
+        wrong = [k for k in strings if k in rec and not isinstance(rec[k], str)]
+        if wrong:
+            raise CotpruneError(f"{name}: record {i} (id {rec.get('id', '?')!r}): field {wrong[0]} is "
+                                f"{type(rec[wrong[0]]).__name__}, not a string")
     ids = [r["id"] for r in records if "id" in r]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -145,58 +238,87 @@ def require_fields(records, fields, name):
 
 
 def write_jsonl(path, records):
+    lines = [dumps(rec) + "\n" for rec in records]  # all serialised first: a bad record leaves no partial file
     with atomic_open(path) as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.writelines(lines)
 
 
 class JsonlAppender:
-    """Resumable JSONL output: records go to `path.part` as they are made, and `finish()` renames it to `path`.
+    """Resumable JSONL output: records go to `path.part` as they are made, and `finish()` publishes `path`.
 
-    A rerun after an interruption reads the ids already in `path.part` (`done`) so no work is lost or repeated.
-    A torn last line (the process died mid-write) is dropped. With path '-' records go straight to stdout.
+    The first line of `path.part` holds `settings` (whatever decides the records: model, flags, dtype); a rerun with
+    other settings is refused rather than merged. A rerun with the same ones reads the ids already there (`done`),
+    so no work is lost or repeated. A torn last line (the process died mid-write) is dropped; damage anywhere else is
+    an error. The part file is created at the first write, so a run that fails before producing anything leaves
+    nothing. With path '-' records are kept in memory and written to stdout by finish(), in the same order a file
+    would get.
     """
 
-    def __init__(self, path):
-        self.path, self.done, self.records = path, set(), []
+    HEADER = "cotprune_part"
+
+    def __init__(self, path, settings):
+        self.path, self.done, self.records, self.f = path, set(), [], None
+        self.settings = json.loads(dumps(settings))  # as it will read back
         if path == "-":
-            self.f = sys.stdout
             return
         self.part = path + ".part"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if os.path.exists(self.part):
-            good = 0
-            with open(self.part, "rb") as f:
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        break
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        break
-                    self.records.append(rec)
-                    self.done.add(rec["id"])
-                    good += len(line)
-            os.truncate(self.part, good)
+        if os.path.lexists(self.part):
+            self._resume()
+
+    def _resume(self):
+        if not os.path.isfile(self.part):
+            raise CotpruneError(f"{self.part} exists and is not a file: move it away")
+        good, lines = 0, open(self.part, "rb").read().split(b"\n")
+        for lineno, line in enumerate(lines[:-1], 1):  # the last piece has no newline: torn or empty, dropped
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CotpruneError(f"{self.part}:{lineno}: damaged partial output; delete it to start over") from None
+            if lineno == 1:
+                self._check_header(rec)
+            elif not isinstance(rec, dict) or "id" not in rec:
+                raise CotpruneError(f"{self.part}:{lineno}: damaged partial output; delete it to start over")
+            else:
+                self.records.append(rec)
+                self.done.add(rec["id"])
+            good += len(line) + 1
+        if good == 0:  # not even a header: nothing was kept
+            os.unlink(self.part)
+            return
+        os.truncate(self.part, good)
         self.f = open(self.part, "a", encoding="utf-8")
 
+    def _check_header(self, rec):
+        saved = rec.get(self.HEADER) if isinstance(rec, dict) else None
+        if not isinstance(saved, dict):
+            raise CotpruneError(f"{self.part} is not a partial output of this stage (no settings line); move it away")
+        diff = [k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
+        if diff:
+            k = diff[0]
+            raise CotpruneError(f"{self.part} was made with other settings ({k}: {saved.get(k)!r} there, "
+                                f"{self.settings.get(k)!r} now); rerun with the same flags or delete it")
+
     def write(self, records):
-        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self.f.flush()
-        if self.f is not sys.stdout:
-            os.fsync(self.f.fileno())
+        lines = "".join(dumps(r) + "\n" for r in records)
         self.records.extend(records)
         self.done.update(r["id"] for r in records)
+        if self.path == "-":
+            return
+        if self.f is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.f = open(self.part, "x", encoding="utf-8")  # "x": never into a file another run just made
+            self.f.write(dumps({self.HEADER: self.settings}) + "\n")
+        self.f.write(lines)
+        self.f.flush()
+        os.fsync(self.f.fileno())
 
     def finish(self, records=None):
         """Publish the output: `records` (e.g. put back in input order) if given, else what was appended."""
-        if self.f is sys.stdout:
-            return
-        self.f.close()
-        if records is None:
-            os.replace(self.part, self.path)
-        else:
-            write_jsonl(self.path, records)
+        records = self.records if records is None else records
+        if self.f is not None:
+            self.f.close()
+        write_jsonl(self.path, records)
+        if self.path != "-" and os.path.exists(self.part):
             os.unlink(self.part)
 
 
@@ -337,11 +459,17 @@ def param_counts(model):
     return total, nonzero, nbytes
 
 
+def runtime_info(device, dtype, seed, dtype_reason=None):
+    """The resolved device, dtype (and why) and seed, as summaries and checkpoint metadata record them."""
+    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "dtype_reason": dtype_reason,
+            "seed": seed}
+
+
 def describe_runtime(device, dtype, seed, dtype_reason=None):
-    """Log the resolved device, dtype (and why) and seed once; the dict goes into summaries and metadata."""
-    name = str(dtype).replace("torch.", "")
-    log(f"device {device}, dtype {name}" + (f" ({dtype_reason})" if dtype_reason else "") + f", seed {seed}")
-    return {"device": str(device), "dtype": name, "dtype_reason": dtype_reason, "seed": seed}
+    """Log the resolved device, dtype (and why) and seed once on stderr; returns runtime_info."""
+    info = runtime_info(device, dtype, seed, dtype_reason)
+    log(f"device {device}, dtype {info['dtype']}" + (f" ({dtype_reason})" if dtype_reason else "") + f", seed {seed}")
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -374,9 +502,14 @@ def model_source(spec):
     return spec, None
 
 
+def resolved_model(spec):
+    """A --model value as it identifies the model: the real path of a local folder or file, else the hub id."""
+    return os.path.realpath(spec) if spec != EMBEDDED and os.path.exists(spec) else spec
+
+
 def _loader_error(spec, e):
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return CotpruneError(f"cannot load model {spec!r}: {first}")
+    """The loader's whole message on one line: its first line alone is often a generic preamble."""
+    return CotpruneError(f"cannot load model {spec!r}: {type(e).__name__}: {one_line(str(e).strip())}")
 
 
 def load_tokenizer(spec, trust_remote_code=False):
@@ -384,7 +517,7 @@ def load_tokenizer(spec, trust_remote_code=False):
     where, gguf = model_source(spec)
     try:
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any loader failure (corrupt safetensors, bad config) is the user's to fix
         raise _loader_error(spec, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # only ever used for padding under an attention mask
@@ -406,7 +539,7 @@ def load_model(spec, device, dtype=None, trust_remote_code=False):
         kw["use_safetensors"] = True  # refuse pytorch_model.bin: loading it means unpickling
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except Exception as e:  # noqa: BLE001 - any loader failure (corrupt safetensors, bad config) is the user's to fix
         raise _loader_error(spec, e) from None
     if gguf:
         model.hf_quantizer = None
@@ -480,41 +613,151 @@ def _stamp_safetensors(path, meta):
         (n,) = struct.unpack("<Q", src.read(8))
         header = json.loads(src.read(n))
         header["__metadata__"] = {**header.get("__metadata__", {}), **meta}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the format pads headers to 8 bytes
         with atomic_open(path, "wb") as dst:
-            dst.write(struct.pack("<Q", len(blob)) + blob)
+            dst.write(_header_blob(header))
             shutil.copyfileobj(src, dst, 16 * 2**20)
 
 
-def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extra_json=None, extra_files=None):
-    """Write an ordinary Hugging Face model folder, all at once: build `out_dir.tmp`, then rename it.
+def is_identity_tensor(name, shape):
+    """Tensors no cotprune stage ever changes: the 1-D normalisation weights (pruning, neuron slicing and LoRA
+    touch Linear weights and embeddings only)."""
+    return len(shape) == 1 and "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
 
-    Every .safetensors file carries the cotprune metadata (format version, stage, source model, arguments),
-    and `extra_json` files ({name: object}) land beside it, as do `extra_files` ({name: writer(path)}).
+
+def weights_fingerprint(named_tensors):
+    """A hash of the tensors pruning never touches, so that two checkpoints of one model agree and two models do not.
+
+    named_tensors: iterable of (name, tensor). Values are rounded to bfloat16 first, so a float32 and a bfloat16
+    copy of one model agree. Returns 'sha256:<16 hex>', or None if there is no such tensor.
     """
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    meta = {"format": "pt", "cotprune_format": FORMAT_VERSION, "cotprune_stage": stage,
-            "cotprune_source_model": source_model, "cotprune_args": json.dumps(args, sort_keys=True)}
-    for name in sorted(os.listdir(tmp)):
-        if name.endswith(".safetensors"):
-            _stamp_safetensors(os.path.join(tmp, name), meta)
-    for name, obj in (extra_json or {}).items():
-        write_json(os.path.join(tmp, name), obj)
-    for name, writer in (extra_files or {}).items():
-        writer(os.path.join(tmp, name))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    import hashlib
+    import torch
+    h, n = hashlib.sha256(), 0
+    for name, t in sorted((k, v) for k, v in named_tensors if is_identity_tensor(k, tuple(v.shape))):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+        n += 1
+    return f"sha256:{h.hexdigest()[:16]}" if n else None
+
+
+def folder_fingerprint(folder):
+    """weights_fingerprint of a model folder's files, read tensor by tensor (the recorded one if cotprune wrote it)."""
+    from safetensors import safe_open
+    meta = read_checkpoint_meta(folder)
+    if meta.get("cotprune_base_id"):
+        return meta["cotprune_base_id"]
+
+    def tensors():
+        for path in safetensors_files(folder):
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    if is_identity_tensor(k, tuple(f.get_slice(k).get_shape())):
+                        yield k, f.get_tensor(k)
+    return weights_fingerprint(tensors())
+
+
+def lineage(model_spec, model):
+    """(base model, base id) for a stage's output: inherited from a cotprune folder, else this model is the root."""
+    meta = read_checkpoint_meta(model_spec) if os.path.isdir(model_spec) else {}
+    base = meta.get("cotprune_args", {}).get("base_model") or (
+        os.path.abspath(model_spec) if os.path.isdir(model_spec) else model_spec)
+    return base, meta.get("cotprune_base_id") or weights_fingerprint(model.state_dict().items())
+
+
+def _is_stage_folder(path, stage):
+    """Did cotprune's `stage` write this folder? (its weights carry that stage's metadata stamp)"""
+    try:
+        return read_checkpoint_meta(path).get("cotprune_stage") == stage
+    except (CotpruneError, OSError, ValueError):
+        return False
+
+
+def check_output_folder(out_dir, stage, inputs=()):
+    """Refuse, before any work, an -o that the stage may not replace: only a folder the same stage wrote (or a new
+    path) can be; never '/', the home or working directory, an input or a folder holding one, nor a file."""
+    out = os.path.realpath(out_dir)
+    forbidden = {os.path.realpath(p) for p in ("/", os.path.expanduser("~"), os.getcwd())}
+    if out in forbidden:
+        raise CotpruneError(f"-o {out_dir} is {'/' if out == '/' else 'the home or working directory'}: "
+                            f"name a new folder")
+    for src in inputs:
+        if src and os.path.exists(src):
+            real = os.path.realpath(src)
+            if real == out or real.startswith(out.rstrip("/") + "/"):
+                raise CotpruneError(f"-o {out_dir} holds the input {src}: it would be destroyed; name a new folder")
+    if os.path.lexists(out_dir):
+        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+            raise CotpruneError(f"-o {out_dir} exists and is not a folder: name a new folder")
+        if os.listdir(out_dir) and not _is_stage_folder(out_dir, stage):
+            raise CotpruneError(f"-o {out_dir} is a folder that {stage} did not write: it is left alone; name a new "
+                                f"folder or remove it yourself")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CotpruneError(f"-o {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise CotpruneError(f"-o {out_dir}: {existing} is not writable")
+
+
+def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extra_json=None, extra_files=None,
+                      base_id=None):
+    """Write an ordinary Hugging Face model folder, all at once: build it in a new hidden folder beside `out_dir`,
+    then swap it in. An existing `out_dir` is replaced only if check_output_folder allows it (the same stage wrote it).
+
+    Every .safetensors file carries the cotprune metadata (format version, stage, source model, arguments, the base
+    model's weight fingerprint), and `extra_json` files ({name: object}) land beside it, as do `extra_files`
+    ({name: writer(path)}).
+    """
+    import tempfile
+    check_output_folder(out_dir, stage, [source_model])
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir.rstrip('/'))}.", suffix=".tmp", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        meta = {"format": "pt", "cotprune_format": FORMAT_VERSION, "cotprune_stage": stage,
+                "cotprune_source_model": source_model, "cotprune_args": json.dumps(args, sort_keys=True)}
+        if base_id:
+            meta["cotprune_base_id"] = base_id
+        for name in sorted(os.listdir(tmp)):
+            if name.endswith(".safetensors"):
+                _stamp_safetensors(os.path.join(tmp, name), meta)
+        for name, obj in (extra_json or {}).items():
+            write_json(os.path.join(tmp, name), obj)
+        for name, writer in (extra_files or {}).items():
+            writer(os.path.join(tmp, name))
+        check_output_folder(out_dir, stage, [source_model])  # again: another run may have written it meanwhile
+        old = None
+        if os.path.isdir(out_dir):  # ours (checked): move it aside, swap the new one in, then drop the old one
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir.rstrip('/'))}.", suffix=".old", dir=parent)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _header_blob(header):
+    """A safetensors header as bytes, metadata keys sorted (the library writes them in hash order, so the same
+    tensors and metadata gave different bytes from run to run), padded to 8 bytes as the format asks."""
+    if "__metadata__" in header:
+        header = {**header, "__metadata__": dict(sorted(header["__metadata__"].items()))}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<Q", len(blob) + (-len(blob) % 8)) + blob + b" " * (-len(blob) % 8)
 
 
 def write_safetensors(path, tensors, meta=None):
-    """Write {name: tensor} as one safetensors file, atomically, with string metadata in its header."""
+    """Write {name: tensor} as one safetensors file, atomically and byte-reproducibly, with string metadata."""
     from safetensors.torch import save
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    (n,) = struct.unpack("<Q", data[:8])
     with atomic_open(path, "wb") as f:
-        f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+        f.write(_header_blob(json.loads(data[8: 8 + n])) + data[8 + n:])
 
 
 def safetensors_files(folder):
@@ -529,8 +772,12 @@ def safetensors_files(folder):
 def read_checkpoint_meta(folder):
     """The cotprune metadata of a model folder ({} for a folder cotprune did not write); args decoded."""
     from safetensors import safe_open
-    with safe_open(safetensors_files(folder)[0], framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    path = safetensors_files(folder)[0]
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged header
+        raise CotpruneError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
     if "cotprune_args" in meta:
         meta["cotprune_args"] = json.loads(meta["cotprune_args"])
     return meta

@@ -24,10 +24,11 @@ import re
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, CotpruneError, JsonlAppender, Timer, chat_prompt, decode, describe_runtime,
-                    eos_token_ids, fast_linears, load_model, load_tokenizer, log, model_source, param_counts,
-                    peak_memory_mb, read_jsonl, require_fields, resolve_device, resolve_dtype, run_cli, set_seed,
-                    write_json, write_jsonl)
+from common import (DTYPES, ArgumentParser, CotpruneError, JsonlAppender, Timer, chat_prompt, check_output_file, count,
+                    decode, describe_runtime, eos_token_ids, fast_linears, load_model, load_tokenizer, log,
+                    model_source, non_negative, param_counts, peak_memory_mb, positive, read_jsonl, require_fields,
+                    resolve_device, resolve_dtype, resolved_model, run_cli, runtime_info, set_seed, share, write_json,
+                    write_jsonl)
 
 STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
     "cot": {"template": "Solve this step by step: Question: {q} Step 1:", "max_new_tokens": 150,
@@ -41,12 +42,12 @@ BOXED_RE = re.compile(r"\\boxed\{")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("input", nargs="?", default="-", help="JSONL of {id, question, ...}; - = stdin")
     p.add_argument("--model", required=True, help="hub id, model folder, .gguf file, or 'embedded'")
     p.add_argument("-o", "--out", default="-", help="output JSONL; - = stdout (no resume)")
     p.add_argument("--style", choices=sorted(STYLES), default="cot", help="prompt protocol")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="generation cap; 0 = the style's (150/30/512)")
+    p.add_argument("--max-new-tokens", type=count, default=0, help="generation cap; 0 = the style's (150/30/512)")
     p.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (cut from the output); default: the style's ('\\nQuestion:' "
                         "for cot and direct, none for chat)")
@@ -54,11 +55,11 @@ def build_parser():
     p.add_argument("--stop-boxed", action=argparse.BooleanOptionalAction, default=False,
                    help="stop once the output holds a complete \\boxed{...} answer (the neuron paper's mitigation "
                         "of Type 1 traps)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--limit", type=int, default=0, help="first N input records; 0 = all")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--batch-size", type=positive, default=16, help="prompts per forward pass")
+    p.add_argument("--limit", type=count, default=0, help="first N input records; 0 = all")
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=count, default=0, help="sampling: keep the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=share, default=1.0, help="sampling: nucleus mass, in (0, 1]")
     p.add_argument("--perplexity", action="store_true",
                    help="score the `trace` of each record after its `prompt` (teacher-forced, no generation)")
     p.add_argument("--summary", default=None, help="summary JSON path; default OUT.summary.json (none for stdout)")
@@ -66,7 +67,7 @@ def build_parser():
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype; auto = bfloat16 where the device runs it natively, else float32 (float16 on "
                         "GPUs without bfloat16 and on MPS)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=count, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub")
     return p
@@ -133,7 +134,6 @@ def trace_nll(model, prompt_ids, trace_ids):
 
 
 def perplexity_main(args, records, device, dtype, runtime):
-    require_fields(records, ["id", "prompt", "trace"], args.input)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
     out = []
@@ -166,10 +166,14 @@ def summarize(records, model_name, style, runtime, counts, batch_size, max_new_t
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise CotpruneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.top_p == 0:
+        raise CotpruneError("--top-p 0 keeps no token; use a value in (0, 1]")
+    check_output_file(args.out)
+    if args.summary:
+        check_output_file(args.summary)
     problems = read_jsonl(args.input, args.limit)
-    require_fields(problems, ["id"] if args.perplexity else ["id", "question"], args.input)
+    require_fields(problems, ["id", "prompt", "trace"] if args.perplexity else ["id", "question"], args.input,
+                   strings=["prompt", "trace"] if args.perplexity else ["question"])
     model_source(args.model)  # a missing model fails here, before any work
     style = STYLES[args.style]
     max_new = args.max_new_tokens or style["max_new_tokens"]
@@ -177,14 +181,21 @@ def main(argv=None):
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
     set_seed(args.seed)
-    runtime = describe_runtime(device, dtype, args.seed, why)
+    runtime = runtime_info(device, dtype, args.seed, why)
     summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
     if args.perplexity:
+        describe_runtime(device, dtype, args.seed, why)
         summary = perplexity_main(args, problems, device, dtype, runtime)
         if summary_path:
             write_json(summary_path, summary)
         return
-    out = JsonlAppender(args.out)
+    out = JsonlAppender(args.out, {"stage": "generate", "model": resolved_model(args.model), "style": args.style,
+                                   "input": resolved_model(args.input), "limit": args.limit,
+                                   "max_new_tokens": max_new, "stops": stops, "stop_boxed": args.stop_boxed,
+                                   "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                                   "seed": args.seed, "batch_size": args.batch_size, "dtype": runtime["dtype"],
+                                   "device": runtime["device"]})
+    describe_runtime(device, dtype, args.seed, why)  # after the checks above, so a refusal is one line
     if out.done:
         log(f"resuming: {len(out.done)} of {len(problems)} already in {args.out}.part")
     tok = load_tokenizer(args.model, args.trust_remote_code)

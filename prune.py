@@ -37,10 +37,10 @@ import struct
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, CotpruneError, Timer, block_linears, capture_block_inputs, decoder_layers,
-                    describe_runtime, load_model, load_tokenizer, log, model_source, param_counts, read_checkpoint_meta,
-                    read_jsonl, require_fields, resolve_device, resolve_dtype, run_cli, save_model_folder, set_seed,
-                    write_safetensors)
+from common import (DTYPES, ArgumentParser, CotpruneError, Timer, block_linears, capture_block_inputs,
+                    check_output_folder, count, decoder_layers, describe_runtime, lineage, load_model, load_tokenizer,
+                    log, model_source, non_negative, param_counts, positive, read_jsonl, require_fields,
+                    resolve_device, resolve_dtype, run_cli, save_model_folder, set_seed, share, write_safetensors)
 
 NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
 METHODS = ("magnitude", "wanda", "sparsegpt") + NEURON_METHODS
@@ -52,7 +52,7 @@ EPS = 1e-6  # neuron paper eq. 2
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="hub id, model folder, .gguf file, or 'embedded'")
     p.add_argument("-o", "--out", required=True, help="output model folder (replaced atomically)")
     p.add_argument("--method", choices=METHODS, default="magnitude", help="pruning criterion")
@@ -60,12 +60,12 @@ def build_parser():
                    help="share of weights to zero, in [0, 1); 0 = dense copy (required unless --nm)")
     p.add_argument("--nm", default=None, help="semi-structured N:M, e.g. 2:4 (N zeros in every M consecutive weights)")
     p.add_argument("--calib", default=None, help="calibration JSONL with a `text` field (wanda, sparsegpt)")
-    p.add_argument("--n-samples", type=int, default=64, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--calib-batch", type=int, default=8,
+    p.add_argument("--n-samples", type=positive, default=64, help="calibration windows")
+    p.add_argument("--seqlen", type=positive, default=512, help="tokens per calibration window")
+    p.add_argument("--calib-batch", type=positive, default=8,
                    help="calibration windows (neuron methods: prompts) per forward pass")
-    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT: columns per lazy-update block")
-    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT: damping, as a share of mean(diag H)")
+    p.add_argument("--blocksize", type=positive, default=128, help="SparseGPT: columns per lazy-update block")
+    p.add_argument("--percdamp", type=non_negative, default=0.01, help="SparseGPT: damping, as a share of mean(diag H)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="layer: threshold per matrix (exact sparsity each); global: one threshold for all")
     p.add_argument("--prune-embeddings", action=argparse.BooleanOptionalAction, default=False,
@@ -74,8 +74,8 @@ def build_parser():
                    help="neuron methods: JSONL of target-task prompts (`question` or `text`); default GSM8K train")
     p.add_argument("--distractor", default=DEFAULT_DISTRACTOR,
                    help="neuron methods: JSONL of distractor prompts (`question` or `text`); default data/distract")
-    p.add_argument("--n-prompts", type=int, default=800, help="neuron methods: prompts taken from each set; 0 = all")
-    p.add_argument("--multiple", type=int, default=128, help="neuron methods: kept neurons per layer are a multiple")
+    p.add_argument("--n-prompts", type=count, default=800, help="neuron methods: prompts taken from each set; 0 = all")
+    p.add_argument("--multiple", type=positive, default=128, help="neuron methods: kept neurons per layer are a multiple")
     p.add_argument("--scores", default=None,
                    help="neuron methods: selectivity cache (.safetensors): read if it exists, else computed and "
                         "written there")
@@ -86,7 +86,7 @@ def build_parser():
     p.add_argument("--save-dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="storage dtype of the output; keep = the source checkpoint's")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--seed", type=int, default=0, help="neuron-random's draw (other methods use no randomness)")
+    p.add_argument("--seed", type=count, default=0, help="neuron-random's draw (other methods use no randomness)")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub (off: only transformers' own architectures)")
     return p
@@ -528,14 +528,24 @@ def scores_meta(model_name, target, distractor, n_prompts, seqlen, dtype):
             "n_prompts": str(n_prompts), "seqlen": str(seqlen), "score_dtype": dtype}
 
 
+def check_scores_meta(path, meta):
+    """Refuse a selectivity cache computed from other inputs (checked before the model is loaded)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            found = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise CotpruneError(f"--scores {path} is not a readable safetensors file ({e})") from None
+    diff = [k for k in meta if found.get(k) != meta[k]]
+    if diff:
+        raise CotpruneError(f"{path} holds selectivity scores from other inputs ({', '.join(diff)} differ: "
+                            f"{found.get(diff[0])!r} vs {meta[diff[0]]!r}); delete it or give another --scores")
+
+
 def load_scores(path, meta, shape):
     from safetensors import safe_open
+    check_scores_meta(path, meta)
     with safe_open(path, framework="pt") as f:
-        found = f.metadata() or {}
-        diff = [k for k in meta if found.get(k) != meta[k]]
-        if diff:
-            raise CotpruneError(f"{path} holds selectivity scores from other inputs ({', '.join(diff)} differ: "
-                                f"{found.get(diff[0])!r} vs {meta[diff[0]]!r}); delete it or give another --scores")
         scores = {k: f.get_tensor(k) for k in ("selectivity", "mu_target", "mu_distractor", "sigma")}
     if tuple(scores["selectivity"].shape) != shape:
         raise CotpruneError(f"{path} holds scores of shape {tuple(scores['selectivity'].shape)}, the model has {shape}")
@@ -644,6 +654,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     sparsity, nm = check_args(args)
     model_source(args.model)  # a missing model fails here, before any work
+    check_output_folder(args.out, "prune", [args.model])
     texts, prompt_sets = None, None
     scores_id = None
     device = resolve_device(args.device)
@@ -655,17 +666,23 @@ def main(argv=None):
             prompt_sets = read_prompt_sets((args.target, args.distractor), args.n_prompts)  # bad input fails here
     if args.method in CALIBRATED:
         texts = read_jsonl(args.calib)
-        require_fields(texts, ["text"], args.calib)
+        require_fields(texts, ["text"], args.calib, strings=["text"])
+    if scores_id and args.scores and os.path.exists(args.scores):
+        check_scores_meta(args.scores, scores_id)
     save_dtype = None if args.save_dtype == "keep" else getattr(torch, args.save_dtype)
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    windows = None
+    if texts is not None:  # too little calibration text fails here, before the model is loaded
+        windows = pack_windows(tok, [r["text"] for r in texts], args.n_samples, args.seqlen)
     set_seed(args.seed)
     runtime = describe_runtime(device, dtype, args.seed, why)
-    tok = load_tokenizer(args.model, args.trust_remote_code)
     with Timer() as t_load:  # calibrated methods bring one block at a time to the device
         model = load_model(args.model, "cpu" if texts else device, save_dtype, args.trust_remote_code)
     save_dtype = model.dtype  # keep = what the checkpoint holds
     if texts is not None:
         model.to(dtype)  # the blocks compute in the compute dtype; the weights are stored back in save_dtype
     log(f"loaded {args.model} in {t_load.seconds:.1f}s")
+    base, base_id = lineage(args.model, model)  # before pruning: the identity of the model this chain starts from
     mats = target_matrices(model, args.prune_embeddings)
     calib_rows, neurons, extra_files = [], None, {}
     with Timer() as t_prune:
@@ -676,7 +693,6 @@ def main(argv=None):
         elif texts is None:
             magnitude_prune_(mats, sparsity, args.scope, nm)
         else:
-            windows = pack_windows(tok, [r["text"] for r in texts], args.n_samples, args.seqlen)
             calib_rows = calibrated_prune_(model, windows, args.method, sparsity, nm, device, args.blocksize,
                                            args.percdamp, args.calib_batch)
     report = {"method": args.method, "sparsity": sparsity, "nm": args.nm, "scope": args.scope,
@@ -693,15 +709,13 @@ def main(argv=None):
             row.update({k: v for k, v in by_name[row["name"]].items() if k != "name"})
         report.update(calib=args.calib, calib_source="+".join(sorted({str(r.get("source", "text")) for r in texts})),
                       n_samples=args.n_samples, seqlen=args.seqlen)
-    src_meta = read_checkpoint_meta(args.model) if os.path.isdir(args.model) else {}
-    base = src_meta.get("cotprune_args", {}).get("base_model", args.model)
     if not neurons:
         log(f"{args.method} {args.nm or args.scope} sparsity {sparsity}: {report['pruned_zeros']:,} of "
             f"{report['pruned_numel']:,} weights in {len(mats)} matrices are zero ({report['pruned_sparsity']:.4f}), "
             f"{t_prune.seconds:.1f}s")
     save_model_folder(model.to("cpu", save_dtype), tok, args.out, stage="prune", source_model=args.model,
                       args={**vars(args), **runtime, "base_model": base}, extra_json={"prune_report.json": report},
-                      extra_files=extra_files)
+                      extra_files=extra_files, base_id=base_id)
     log(f"wrote {args.out}")
 
 

@@ -21,19 +21,20 @@ tokens, seconds) and recover_report.json. While training, a checkpoint (adapters
 sits in OUT.part/; after an interruption the same command continues from it.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
-import shutil
 
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, CotpruneError, Timer, chat_messages, chat_prompt, decoder_layers, describe_runtime,
-                    eos_token_ids, load_model, load_tokenizer, log, model_source, param_counts, peak_memory_mb,
-                    read_checkpoint_meta, read_jsonl, require_fields, resolve_device, resolve_dtype, run_cli,
-                    save_model_folder, set_seed, write_jsonl, write_safetensors)
+from common import (DTYPES, ArgumentParser, CotpruneError, Timer, chat_messages, chat_prompt, check_output_folder,
+                    count, decoder_layers, describe_runtime, eos_token_ids, lineage, load_model, load_tokenizer, log,
+                    model_source, non_negative, param_counts, peak_memory_mb, positive, read_json, read_jsonl,
+                    require_fields, resolve_device, resolve_dtype, run_cli, save_model_folder, set_seed, share,
+                    write_jsonl, write_safetensors)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "gsm8k", "train.jsonl")
@@ -45,36 +46,36 @@ TRAINING_FLAGS = ("model", "input", "limit", "targets", "rank", "alpha", "dropou
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("input", nargs="?", default=DEFAULT_DATA,
                    help="JSONL of {id, question, answer} (GSM8K format); - = stdin; default GSM8K train")
     p.add_argument("--model", required=True, help="model folder to recover (hub id, .gguf or 'embedded' work too)")
     p.add_argument("-o", "--out", required=True, help="output folder: merged model, adapter, loss log, report")
     p.add_argument("--targets", default=PROJECTIONS, help="comma-separated Linear names inside the decoder blocks")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / r")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout on the LoRA input")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the adapters")
-    p.add_argument("--epochs", type=float, default=2, help="passes over the data (used when --max-steps is 0)")
-    p.add_argument("--max-steps", type=int, default=0, help="optimiser steps; 0 = as many as --epochs take")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then linear decay to 0")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per forward pass")
-    p.add_argument("--grad-accum", type=int, default=2, help="forward passes per optimiser step (effective batch "
+    p.add_argument("--rank", type=positive, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=non_negative, default=16, help="LoRA alpha; the update is scaled by alpha / r")
+    p.add_argument("--dropout", type=share, default=0.1, help="dropout on the LoRA input")
+    p.add_argument("--lr", type=non_negative, default=2e-5, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=non_negative, default=0.0, help="AdamW weight decay on the adapters")
+    p.add_argument("--epochs", type=non_negative, default=2, help="passes over the data (used when --max-steps is 0)")
+    p.add_argument("--max-steps", type=count, default=0, help="optimiser steps; 0 = as many as --epochs take")
+    p.add_argument("--warmup-steps", type=count, default=0, help="linear warm-up steps, then linear decay to 0")
+    p.add_argument("--batch-size", type=positive, default=4, help="examples per forward pass")
+    p.add_argument("--grad-accum", type=positive, default=2, help="forward passes per optimiser step (effective batch "
                                                               "= batch size x this)")
-    p.add_argument("--max-length", type=int, default=512, help="prompt + target tokens; longer examples are skipped")
+    p.add_argument("--max-length", type=positive, default=512, help="prompt + target tokens; longer examples are skipped")
     p.add_argument("--keep-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="in a sparse matrix, weights that are zero in the base stay zero in training and merging")
-    p.add_argument("--mask-min-sparsity", type=float, default=0.01,
+    p.add_argument("--mask-min-sparsity", type=share, default=0.01,
                    help="share of exact zeros from which a matrix counts as sparse (dense checkpoints hold a few "
                         "zeros from quantisation: 0.03%% in SmolLM2's GGUF)")
-    p.add_argument("--save-every", type=int, default=25, help="checkpoint every N optimiser steps (for resume)")
-    p.add_argument("--limit", type=int, default=0, help="first N training records; 0 = all")
+    p.add_argument("--save-every", type=positive, default=25, help="checkpoint every N optimiser steps (for resume)")
+    p.add_argument("--limit", type=count, default=0, help="first N training records; 0 = all")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype of the frozen base; auto = bfloat16 where the device runs it natively, "
                         "else float32 (never float16: training it would need loss scaling)")
-    p.add_argument("--seed", type=int, default=0, help="adapter initialisation, data order and dropout")
+    p.add_argument("--seed", type=count, default=0, help="adapter initialisation, data order and dropout")
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
                    help="allow model code from the hub")
     return p
@@ -190,10 +191,29 @@ class LoRALinear(torch.nn.Module):
         return y + self.scale * torch.nn.functional.linear(low, self.lora_B.to(h.dtype))
 
 
-def add_lora(model, targets, rank, alpha, dropout, keep_mask, mask_min=0.01):
+def pruned_matrices(folder):
+    """Names of the weight matrices that carry a pruning mask, from the checkpoint's own record: prune.py's report
+    (matrices it zeroed; neuron slicing leaves none) or recover.py's (masks it kept). None when cotprune did not
+    write the folder: then, and only then, zeros are counted (see add_lora)."""
+    for name, key in (("prune_report.json", None), ("recover_report.json", "masked_matrices")):
+        path = os.path.join(folder, name) if os.path.isdir(folder) else ""
+        if os.path.isfile(path):
+            report = read_json(path, name)
+            if key:
+                return set(report.get(key, []))
+            if str(report.get("method", "")).startswith("neuron") or not report.get("sparsity"):
+                return set()  # sliced neurons leave no zeros; a dense copy (sparsity 0) has none it made
+            return {r["name"].removesuffix(".weight") for r in report.get("matrices", [])}
+    return None
+
+
+def add_lora(model, targets, rank, alpha, dropout, keep_mask, mask_min=0.01, masked=None):
     """Wrap the target Linears inside the decoder blocks; freeze everything else. Returns {name: LoRALinear}.
 
-    With keep_mask, a matrix whose share of exact zeros is at least mask_min keeps them: its update is masked."""
+    With keep_mask, the matrices named in `masked` (pruned_matrices) keep their zeros: their update is masked.
+    masked None (a checkpoint cotprune did not write): a matrix whose share of exact zeros is at least mask_min
+    counts as pruned; dense checkpoints hold a few zeros from quantisation (0.03 % in SmolLM2's GGUF; a Qwen2
+    Q5_0/Q6_K file up to 20 % in one matrix), which is why the record is preferred."""
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     model.requires_grad_(False)
@@ -201,7 +221,11 @@ def add_lora(model, targets, rank, alpha, dropout, keep_mask, mask_min=0.01):
     for name, mod in list(layers.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             parent = layers.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layers
-            sparse = keep_mask and float((mod.weight == 0).float().mean()) >= mask_min
+            full = f"{prefix}.{name}"
+            if masked is not None:
+                sparse = keep_mask and full in masked
+            else:
+                sparse = keep_mask and float((mod.weight == 0).float().mean()) >= mask_min
             mask = (mod.weight != 0) if sparse else None
             wrapped[f"{prefix}.{name}"] = LoRALinear(mod, rank, alpha, dropout, mask)
             setattr(parent, name.rsplit(".", 1)[-1], wrapped[f"{prefix}.{name}"])
@@ -277,6 +301,32 @@ def load_checkpoint(folder, adapters, optimizer, settings):
     return int(meta["step"])
 
 
+PART_FILES = ("checkpoint.safetensors", "loss.jsonl")
+
+
+def checkpoint_folder(out, create=True):
+    """OUT.part/, the resume checkpoint; refused if it holds anything recover.py does not write."""
+    part = out.rstrip("/") + ".part"
+    if os.path.lexists(part):
+        if not os.path.isdir(part) or os.path.islink(part):
+            raise CotpruneError(f"{part} exists and is not recover.py's checkpoint folder: move it away")
+        foreign = [f for f in os.listdir(part) if f not in PART_FILES and not f.endswith(".tmp")]
+        if foreign:
+            raise CotpruneError(f"{part} holds {foreign[0]}, which recover.py did not write: move it away")
+    if create:
+        os.makedirs(part, exist_ok=True)
+    return part
+
+
+def remove_checkpoint_folder(part):
+    """Delete the files recover.py wrote in OUT.part/, then the folder (only if that leaves it empty)."""
+    for name in PART_FILES:
+        if os.path.exists(os.path.join(part, name)):
+            os.unlink(os.path.join(part, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(part)
+
+
 def read_loss_log(path, upto):
     """Loss records of steps <= upto (a rerun drops those after the checkpoint: they will be redone)."""
     if not os.path.exists(path):
@@ -311,8 +361,13 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    check_output_folder(args.out, "recover", [args.model, args.input])
+    part = checkpoint_folder(args.out, create=False)
     records = read_jsonl(args.input, args.limit)
-    require_fields(records, ["question", "answer"], args.input)
+    require_fields(records, ["id", "question", "answer"] if records and "id" in records[0] else ["question", "answer"],
+                   args.input, strings=["question", "answer"])
+    if not records:
+        raise CotpruneError(f"{args.input} holds no training records")
     model_source(args.model)  # a missing model fails here, before any work
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device, training=True)
@@ -323,12 +378,15 @@ def main(argv=None):
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
     examples = build_examples(tok, records, args.input, eos_token_ids(model, tok), args.max_length)
+    masked = pruned_matrices(args.model)
+    if masked is None and args.keep_mask:
+        log(f"{args.model} has no cotprune prune report: matrices with >= {args.mask_min_sparsity:.2%} exact zeros "
+            f"are taken as pruned (--mask-min-sparsity)")
     adapters = add_lora(model, targets, args.rank, args.alpha, args.dropout, args.keep_mask,
-                        args.mask_min_sparsity)
+                        args.mask_min_sparsity, masked)
     params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     plan = step_plan(len(examples), args.batch_size, args.grad_accum, args.epochs, args.max_steps, args.seed)
-    part = args.out.rstrip("/") + ".part"
     os.makedirs(part, exist_ok=True)
     start = load_checkpoint(part, adapters, optimizer, settings)
     log_path = os.path.join(part, "loss.jsonl")
@@ -366,7 +424,7 @@ def main(argv=None):
                 save_checkpoint(part, step + 1, adapters, optimizer, settings)
         bar.close()
     report = finish(args, adapters, losses, runtime, device, tok, t_train.seconds, len(examples))
-    shutil.rmtree(part)
+    remove_checkpoint_folder(part)
     log(f"loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f} over {len(losses)} steps, "
         f"{report['tokens_per_s']:.0f} tok/s; wrote {args.out}")
 
@@ -384,7 +442,8 @@ def finish(args, adapters, losses, runtime, device, tok, seconds, n_examples):
     train_s, tokens = sum(r["seconds"] for r in losses), sum(r["tokens"] for r in losses)
     report = {"stage": "recover", "source_model": args.model, **runtime,
               "targets": sorted({n.rsplit(".", 1)[-1] for n in names}), "adapted_linears": len(names),
-              "masked_linears": sum(a.mask is not None for a in adapters.values()), "rank": args.rank,
+              "masked_linears": sum(a.mask is not None for a in adapters.values()),
+              "masked_matrices": sorted(n for n, a in adapters.items() if a.mask is not None), "rank": args.rank,
               "alpha": args.alpha, "trainable_params": sum(p.numel() for a in adapters.values() for p in a.parameters()
                                                            if p.requires_grad),
               "examples": n_examples, "steps": len(losses), "first_loss": losses[0]["loss"] if losses else None,
@@ -395,13 +454,12 @@ def finish(args, adapters, losses, runtime, device, tok, seconds, n_examples):
               "model_params": total, "model_sparsity": 1 - nonzero / total}
     meta = {"cotprune_stage": "recover-adapter", "rank": str(args.rank), "alpha": str(args.alpha),
             "targets": ",".join(report["targets"]), "source_model": args.model}
-    src_meta = read_checkpoint_meta(args.model) if os.path.isdir(args.model) else {}
-    base = src_meta.get("cotprune_args", {}).get("base_model", args.model)
+    base, base_id = lineage(args.model, merged)
     files = {"adapter.safetensors": lambda p: write_safetensors(p, adapter_tensors(adapters), meta),
              "loss.jsonl": lambda p: write_jsonl(p, losses)}
     save_model_folder(merged, tok, args.out, stage="recover", source_model=args.model,
                       args={**vars(args), **runtime, "base_model": base}, extra_json={"recover_report.json": report},
-                      extra_files=files)
+                      extra_files=files, base_id=base_id)
     return report
 
 

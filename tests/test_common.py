@@ -43,11 +43,11 @@ def test_atomic_open_leaves_nothing_on_failure(tmp_path):
 
 def test_appender_drops_a_torn_line(tmp_path):
     p = str(tmp_path / "g.jsonl")
-    a = JsonlAppender(p)
+    a = JsonlAppender(p, {"k": 1})
     a.write([{"id": "a"}, {"id": "b"}])
     a.f.write('{"id": "c", "out')  # died mid-write
     a.f.close()
-    b = JsonlAppender(p)
+    b = JsonlAppender(p, {"k": 1})
     assert b.done == {"a", "b"}
     b.write([{"id": "c"}])
     b.finish()
@@ -60,3 +60,92 @@ def test_model_source(tmp_path):
     with pytest.raises(CotpruneError, match="no config.json"):
         model_source(str(tmp_path))
     assert model_source("Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None)
+
+
+def test_appender_refuses_a_part_made_with_other_settings(tmp_path):
+    p = str(tmp_path / "g.jsonl")
+    a = JsonlAppender(p, {"max_new_tokens": 96, "model": "m"})
+    a.write([{"id": "a"}])
+    a.f.close()
+    with pytest.raises(CotpruneError, match=r"other settings \(max_new_tokens: 96 there, 8 now\)"):
+        JsonlAppender(p, {"max_new_tokens": 8, "model": "m"})
+    assert open(p + ".part").read().count("\n") == 2  # left as it was
+
+
+@pytest.mark.parametrize("content", ['{"id": "a"}\n', '{"cotprune_part": {"k": 1}}\n{"id": 1}\nnot json\n{"id": 2}\n',
+                                     '{"cotprune_part": {"k": 1}}\n[1]\n'])
+def test_appender_refuses_a_damaged_or_foreign_part(tmp_path, content):
+    p = tmp_path / "g.jsonl"
+    (tmp_path / "g.jsonl.part").write_text(content)
+    with pytest.raises(CotpruneError, match="g.jsonl.part"):
+        JsonlAppender(str(p), {"k": 1})
+    assert (tmp_path / "g.jsonl.part").read_text() == content
+
+
+def test_appender_creates_nothing_until_the_first_record(tmp_path):
+    JsonlAppender(str(tmp_path / "g.jsonl"), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_appender_to_stdout_writes_the_finished_order(capsys):
+    a = JsonlAppender("-", {})
+    a.write([{"id": 2}])
+    a.write([{"id": 1}])
+    a.finish([{"id": 1}, {"id": 2}])
+    assert capsys.readouterr().out == '{"id": 1}\n{"id": 2}\n'
+
+
+def test_strict_json_only(tmp_path):
+    with pytest.raises(CotpruneError, match="'x' holds a NaN or infinite"):
+        write_jsonl(str(tmp_path / "a.jsonl"), [{"id": "x", "v": float("inf")}])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"id": 1}\n{"id": "\xff"}\n')
+    with pytest.raises(CotpruneError, match=rf"^{p}:2: not UTF-8"):
+        read_jsonl(str(p))
+
+
+def test_ids_must_be_strings_or_integers():
+    for bad in ([1], 1.5, None, True):
+        with pytest.raises(CotpruneError, match="ids are strings or integers"):
+            require_fields([{"id": bad}], ["id"], "f")
+    with pytest.raises(CotpruneError, match="field output is int, not a string"):
+        require_fields([{"id": 1, "output": 3}], ["id", "output"], "f", strings=["output"])
+
+
+def test_atomic_open_leaves_a_users_tmp_file_alone(tmp_path):
+    (tmp_path / "out.jsonl.tmp").write_text("mine")
+    write_jsonl(str(tmp_path / "out.jsonl"), [{"id": 1}])
+    assert (tmp_path / "out.jsonl.tmp").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.jsonl.tmp"]
+    assert oct(os.stat(tmp_path / "out.jsonl").st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+
+
+def test_safetensors_are_byte_reproducible(tmp_path):
+    import torch
+    from common import write_safetensors
+    meta = {f"key{i}": str(i) for i in range(20)}
+    blobs = set()
+    for i in range(3):
+        write_safetensors(str(tmp_path / f"{i}.safetensors"), {"b": torch.ones(3), "a": torch.zeros(2)},
+                          dict(reversed(meta.items())) if i % 2 else meta)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(tmp_path / "0.safetensors"))["b"], torch.ones(3))
+
+
+def test_argparse_errors_are_one_line():
+    from common import ArgumentParser, count
+    p = ArgumentParser(prog="x.py")
+    p.add_argument("--limit", type=count, default=0)
+    with pytest.raises(SystemExit) as e:
+        import contextlib
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            p.parse_args(["--limit", "-1"])
+    assert e.value.code == 2
+    assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("x.py: error: argument --limit")

@@ -85,7 +85,7 @@ def test_interrupted_run_resumes_without_repeating(tmp_path, tiny_llama, monkeyp
     monkeypatch.setattr(generate, "decode", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         generate.main(argv)
-    assert not out.exists() and len((tmp_path / "gen.jsonl.part").read_text().splitlines()) == 3
+    assert not out.exists() and len((tmp_path / "gen.jsonl.part").read_text().splitlines()) == 1 + 3  # settings
     with open(tmp_path / "gen.jsonl.part", "a") as f:
         f.write('{"id": "torn')  # a write cut short by the interruption
     calls.clear()
@@ -231,3 +231,93 @@ def test_stop_boxed_fires_at_the_closing_brace(tiny_llama):
     assert tok.decode(ids[:first]).rstrip().endswith("\\boxed{7}")  # brute force: the first prefix that closes it
     assert not generate.boxed_complete(tok.decode(ids[: first - 1]))
     assert generate.stop_checker(tok, [], boxed=False) is None
+
+
+def one_line_error(r, prog="generate.py", logged=0):
+    """Exit 2, no traceback, and stderr is one error line (after `logged` progress lines of a run that had begun)."""
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("Loading weights")]
+    return (r.returncode == 2 and len(lines) == 1 + logged and lines[-1].startswith(f"{prog}: error:")
+            and "Traceback" not in r.stderr)
+
+
+def test_resume_with_other_flags_is_refused(tmp_path, tiny_llama, monkeypatch):
+    """A leftover OUT.part made with --max-new-tokens 6 is not merged into a run asking for 2 tokens."""
+    src = problems_file(tmp_path, 4)
+    out = tmp_path / "gen.jsonl"
+    real, calls = common.decode, []
+
+    def dies_on_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generate, "decode", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2", src,
+                       "-o", str(out)])
+    part = (tmp_path / "gen.jsonl.part").read_text()
+    for flag in (["--max-new-tokens", "2"], ["--temperature", "0.5"], ["--style", "cot"], ["--batch-size", "3"],
+                 ["--stop-boxed"], ["--dtype", "bfloat16"]):
+        argv = ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2", src,
+                "-o", str(out)]
+        for k in range(0, len(flag), 2):
+            if flag[k] in argv:
+                argv[argv.index(flag[k]) + 1] = flag[k + 1]
+            else:
+                argv += flag[k: k + 2]
+        r = run_script("generate.py", *argv)
+        assert one_line_error(r) and "other settings" in r.stderr, (flag, r.stderr)
+        assert (tmp_path / "gen.jsonl.part").read_text() == part and not out.exists()
+
+
+def test_stdout_gets_the_same_records_in_the_same_order_as_a_file(tmp_path, tiny_llama):
+    src = problems_file(tmp_path, 5)
+    argv = ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "3", "--batch-size", "2", src]
+    r = run_script("generate.py", *argv, "-o", "-")
+    generate.main(argv + ["-o", str(tmp_path / "g.jsonl")])
+    strip = lambda rec: {k: v for k, v in rec.items() if k != "seconds"}
+    piped = [strip(json.loads(x)) for x in r.stdout.splitlines()]
+    filed = [strip(json.loads(x)) for x in open(tmp_path / "g.jsonl")]
+    assert piped == filed and [p["id"] for p in piped] == [json.loads(x)["id"] for x in open(src)]
+
+
+@pytest.mark.parametrize("flags, what", [(["--limit", "-1"], "--limit"), (["--max-new-tokens", "-5"], "--max-new-tokens"),
+                                         (["--temperature", "-1"], "--temperature"), (["--top-p", "1.5"], "--top-p"),
+                                         (["--batch-size", "0"], "--batch-size"), (["--top-k", "x"], "--top-k")])
+def test_numbers_are_validated_at_parse_time(tmp_path, flags, what):
+    r = run_script("generate.py", "--model", "no/such/model/dir", str(tmp_path / "none.jsonl"), *flags,
+                   "-o", str(tmp_path / "o.jsonl"))
+    assert one_line_error(r) and f"argument {what}" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_outputs_and_inputs_are_one_line_and_leave_nothing(tmp_path, tiny_llama):
+    src = problems_file(tmp_path, 2)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "bad.jsonl").write_bytes(b'{"id": 1, "question": "caf\xe9"}\n')
+    (tmp_path / "num.jsonl").write_text('{"id": 1, "question": 5}\n')
+    before = sorted(os.listdir(tmp_path))
+    cases = [([src, "-o", str(tmp_path / "adir")], "is a folder"),
+             ([src, "-o", str(tmp_path / "afile" / "o.jsonl")], "is a file, not a folder"),
+             ([str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "o.jsonl")], "not UTF-8"),
+             ([str(tmp_path / "num.jsonl"), "-o", str(tmp_path / "o.jsonl")], "question is int, not a string"),
+             ([src, "--model", str(tmp_path / "adir"), "-o", str(tmp_path / "o.jsonl")], "no config.json")]
+    for argv, msg in cases:
+        r = run_script("generate.py", "--model", tiny_llama, *argv)
+        assert one_line_error(r) and msg in r.stderr, (argv, r.stderr)
+        assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "adir") == []
+
+
+def test_a_model_that_fails_to_load_leaves_no_part_file(tmp_path, tiny_llama):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in os.listdir(tiny_llama):
+        if not f.endswith(".safetensors"):
+            (broken / f).write_bytes(open(os.path.join(tiny_llama, f), "rb").read())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    src = problems_file(tmp_path, 2)
+    r = run_script("generate.py", "--model", str(broken), src, "-o", str(tmp_path / "o.jsonl"))
+    assert one_line_error(r, logged=1) and "cannot load model" in r.stderr  # after the "device cpu, dtype" line
+    assert not list(tmp_path.glob("o.jsonl*"))

@@ -191,3 +191,44 @@ def test_dropout_rate_scale_and_eval_mode(tiny_llama):
     with torch.no_grad():
         assert torch.equal(lora.eval()(x), lora(x))  # eval: no dropout
         assert not torch.equal(lora.train()(x), lora(x))
+
+
+def test_masks_come_from_the_prune_report_not_from_zeros(tmp_path, tiny_llama):
+    """A dense checkpoint dequantised from a GGUF holds many exact zeros (up to 20 % in one matrix of a Qwen2 Q5_0
+    file): written by prune.py --sparsity 0 it records that it is dense, so nothing is masked; a pruned copy
+    records which matrices it pruned, and exactly those are."""
+    model = load(tiny_llama)
+    k = model.model.layers[0].self_attn.k_proj.weight
+    k.data.view(-1)[::5] = 0  # 20 % accidental zeros
+    zeros = tmp_path / "zeros"
+    model.save_pretrained(zeros)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(zeros)
+    assert recover.pruned_matrices(str(zeros)) is None  # not cotprune's: zero counting is the stated fallback
+    dense, sparse = str(tmp_path / "dense"), str(tmp_path / "sparse")
+    prune.main(["--model", str(zeros), "--sparsity", "0", "-o", dense])
+    prune.main(["--model", dense, "--sparsity", "0.5", "-o", sparse])
+    assert recover.pruned_matrices(dense) == set()
+    names = {n for n, _ in block_linears(load(sparse))}
+    assert recover.pruned_matrices(sparse) == names
+    m = load(dense)
+    adapters = recover.add_lora(m, {"k_proj"}, 4, 8, 0.0, keep_mask=True, masked=recover.pruned_matrices(dense))
+    assert all(a.mask is None for a in adapters.values())
+    m = load(sparse)
+    adapters = recover.add_lora(m, {"k_proj"}, 4, 8, 0.0, keep_mask=True, masked=recover.pruned_matrices(sparse))
+    assert all(a.mask is not None for a in adapters.values())
+
+
+def test_adapter_file_is_byte_reproducible(tmp_path, tiny_llama):
+    data = write_set(tmp_path, 4)
+    for name in ("a", "b"):
+        run_recover(tiny_llama, data, str(tmp_path / name), "--max-steps", "2")
+    assert (tmp_path / "a" / "adapter.safetensors").read_bytes() == (tmp_path / "b" / "adapter.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("flags", [["--limit", "-1"], ["--rank", "0"], ["--lr", "-1"], ["--seed", "-3"],
+                                   ["--mask-min-sparsity", "2"]])
+def test_numbers_are_validated_at_parse_time(tmp_path, flags):
+    r = run_script("recover.py", str(tmp_path / "none.jsonl"), "--model", "nope", "-o", str(tmp_path / "x"), *flags)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and f"argument {flags[0]}" in lines[0]
+    assert list(tmp_path.iterdir()) == []
