@@ -36,6 +36,7 @@ RECOVER_LR ?= 2e-4
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+COMMON := $(wildcard common/*.py)
 
 ifeq ($(MODEL),embedded)
 SLUG ?= SmolLM2-135M-Instruct
@@ -90,42 +91,42 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 # The dense baseline M0: from a GGUF this is the one-time conversion to a safetensors folder.
-$(MODELS)/s0/config.json: $(VENV)/.installed prune.py common.py
+$(MODELS)/s0/config.json: $(VENV)/.installed prune.py $(COMMON)
 	$(PY) prune.py --model $(MODEL) --sparsity 0 -o $(MODELS)/s0
 
-$(MODELS)/s%/config.json: $(MODELS)/s0/config.json prune.py common.py
+$(MODELS)/s%/config.json: $(MODELS)/s0/config.json prune.py $(COMMON)
 	$(PY) prune.py --model $(MODELS)/s0 --method magnitude --sparsity $* -o $(MODELS)/s$*
 
 define STYLE_RULES
-$(RUN)/gen/$(1)/s%.jsonl: $(MODELS)/s%/config.json data/gsm8k/test.jsonl generate.py common.py
+$(RUN)/gen/$(1)/s%.jsonl: $(MODELS)/s%/config.json data/gsm8k/test.jsonl generate.py $(COMMON)
 	$(PY) generate.py --model $(MODELS)/s$$* --style $(1) $(GEN_FLAGS) data/gsm8k/test.jsonl -o $$@
 
-$(RUN)/scores/$(1)/s%.jsonl: $(RUN)/gen/$(1)/s%.jsonl score.py common.py
+$(RUN)/scores/$(1)/s%.jsonl: $(RUN)/gen/$(1)/s%.jsonl score.py $(COMMON)
 	$(PY) score.py $$< -o $$@
 endef
 $(foreach st,$(STYLES),$(eval $(call STYLE_RULES,$(st))))
 
-$(RUN)/magnitude/report.md: $(SCORES) correlate.py common.py
+$(RUN)/magnitude/report.md: $(SCORES) correlate.py $(COMMON)
 	$(PY) correlate.py --base $(MODELS)/s0 --models $(addprefix $(MODELS)/s,$(ALL_SP)) -o $(@D) \
 	  --summaries $(SCORES:.jsonl=.summary.json) $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
 
 # ---- reasoning-aware compression: calibration sets, pruned models, chat evaluation, trace perplexity
-$(RAC)/calib/traces.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+$(RAC)/calib/traces.jsonl: $(MODELS)/s0/config.json calibrate.py $(COMMON)
 	$(PY) calibrate.py --model $(MODELS)/s0 --source traces --tokens $(CALIB_TOKENS) --max-new-tokens $(RAC_TOKENS) \
 	  --batch-size $(BATCH) $(RT_FLAGS) -o $@
-$(RAC)/calib/prompts.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+$(RAC)/calib/prompts.jsonl: $(MODELS)/s0/config.json calibrate.py $(COMMON)
 	$(PY) calibrate.py --model $(MODELS)/s0 --source prompts --tokens $(CALIB_TOKENS) -o $@
-$(RAC)/calib/text.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+$(RAC)/calib/text.jsonl: $(MODELS)/s0/config.json calibrate.py $(COMMON)
 	$(PY) calibrate.py --model $(MODELS)/s0 --source text --tokens $(CALIB_TOKENS) -o $@
 # held-out traces: the last 500 train problems, never used for calibration
-$(RAC)/calib/heldout.jsonl: $(MODELS)/s0/config.json calibrate.py common.py
+$(RAC)/calib/heldout.jsonl: $(MODELS)/s0/config.json calibrate.py $(COMMON)
 	tail -n 500 data/gsm8k/train.jsonl | $(PY) calibrate.py --model $(MODELS)/s0 --source traces - \
 	  --tokens $(HELDOUT_TOKENS) --max-new-tokens $(RAC_TOKENS) --batch-size $(BATCH) $(RT_FLAGS) --seed 1 -o $@
 
 level_flag = $(if $(findstring of,$(1)),--nm $(subst of,:,$(1)),--sparsity $(1))
 calib_flag = $(if $(filter none,$(1)),,--calib $(RAC)/calib/$(1).jsonl --n-samples $(CALIB_SAMPLES) --seqlen $(SEQLEN))
 define RAC_MODEL
-$(RAC)/models/$(1)-$(2)-$(3)/config.json: $(MODELS)/s0/config.json $(if $(filter none,$(2)),,$(RAC)/calib/$(2).jsonl) prune.py common.py
+$(RAC)/models/$(1)-$(2)-$(3)/config.json: $(MODELS)/s0/config.json $(if $(filter none,$(2)),,$(RAC)/calib/$(2).jsonl) prune.py $(COMMON)
 	$(PY) prune.py --model $(MODELS)/s0 --method $(1) $(call level_flag,$(3)) $(call calib_flag,$(2)) $(RT_FLAGS) \
 	  -o $$(@D)
 endef
@@ -134,44 +135,44 @@ $(foreach m,$(RAC_METHODS),$(foreach l,$(RAC_LEVELS),$(eval $(call RAC_MODEL,$(w
 $(RAC)/models/dense/config.json: $(MODELS)/s0/config.json
 	mkdir -p $(RAC)/models && ln -sfn $(abspath $(MODELS)/s0) $(RAC)/models/dense
 
-$(RAC)/n$(RAC_N)/gen/%.jsonl: $(RAC)/models/%/config.json data/gsm8k/test.jsonl generate.py common.py
+$(RAC)/n$(RAC_N)/gen/%.jsonl: $(RAC)/models/%/config.json data/gsm8k/test.jsonl generate.py $(COMMON)
 	$(PY) generate.py --model $(RAC)/models/$* --style chat --max-new-tokens $(RAC_TOKENS) --limit $(RAC_N) \
 	  --batch-size $(BATCH) $(RT_FLAGS) data/gsm8k/test.jsonl -o $@
-$(RAC)/n$(RAC_N)/scores/%.summary.json: $(RAC)/n$(RAC_N)/gen/%.jsonl score.py common.py
+$(RAC)/n$(RAC_N)/scores/%.summary.json: $(RAC)/n$(RAC_N)/gen/%.jsonl score.py $(COMMON)
 	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
-$(RAC)/ppl/%.summary.json: $(RAC)/models/%/config.json $(RAC)/calib/heldout.jsonl generate.py common.py
+$(RAC)/ppl/%.summary.json: $(RAC)/models/%/config.json $(RAC)/calib/heldout.jsonl generate.py $(COMMON)
 	$(PY) generate.py --model $(RAC)/models/$* --perplexity $(RAC)/calib/heldout.jsonl $(RT_FLAGS) \
 	  -o $(@:.summary.json=.jsonl)
 
-$(RAC)/n$(RAC_N)/report.md: $(RAC_EVAL) correlate.py common.py
+$(RAC)/n$(RAC_N)/report.md: $(RAC_EVAL) correlate.py $(COMMON)
 	$(PY) correlate.py --study rac --base $(RAC)/models/dense --models $(addprefix $(RAC)/models/,$(RAC_NAMES)) \
 	  --summaries $(RAC_EVAL) $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/gen/$(n).summary.json) -o $(@D)
 
 # ---- task-specific neurons: selectivity once (with the dense copy), pruned models, LoRA recovery, chat evaluation
 NEU_FLAGS = --multiple $(MULTIPLE) --n-prompts $(NEURON_PROMPTS) --scores $(NEU)/selectivity.safetensors $(RT_FLAGS)
-$(NEU)/models/dense/config.json: $(MODELS)/s0/config.json prune.py common.py
+$(NEU)/models/dense/config.json: $(MODELS)/s0/config.json prune.py $(COMMON)
 	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity 0 $(NEU_FLAGS) -o $(@D)
-$(NEU)/models/selective-%/config.json: $(NEU)/models/dense/config.json prune.py common.py
+$(NEU)/models/selective-%/config.json: $(NEU)/models/dense/config.json prune.py $(COMMON)
 	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity $* $(NEU_FLAGS) -o $(@D)
-$(NEU)/models/reverse-%/config.json: $(NEU)/models/dense/config.json prune.py common.py
+$(NEU)/models/reverse-%/config.json: $(NEU)/models/dense/config.json prune.py $(COMMON)
 	$(PY) prune.py --model $(MODELS)/s0 --method neuron-reverse --sparsity $* $(NEU_FLAGS) -o $(@D)
 define RANDOM_MODEL
-$(NEU)/models/random$(1)-%/config.json: $(MODELS)/s0/config.json prune.py common.py
+$(NEU)/models/random$(1)-%/config.json: $(MODELS)/s0/config.json prune.py $(COMMON)
 	$(PY) prune.py --model $(MODELS)/s0 --method neuron-random --seed $(1) --sparsity $$* --multiple $(MULTIPLE) \
 	  $(RT_FLAGS) -o $$(@D)
 endef
 $(foreach s,$(RANDOM_SEEDS),$(eval $(call RANDOM_MODEL,$(s))))
-$(NEU)/models/lora-%/config.json: $(NEU)/models/%/config.json data/gsm8k/train.jsonl recover.py common.py
+$(NEU)/models/lora-%/config.json: $(NEU)/models/%/config.json data/gsm8k/train.jsonl recover.py $(COMMON)
 	$(PY) recover.py --model $(NEU)/models/$* --max-steps $(RECOVER_STEPS) --lr $(RECOVER_LR) $(RT_FLAGS) \
 	  -o $(@D)
 
-$(NEU)/n$(NEURON_N)/gen/%.jsonl: $(NEU)/models/%/config.json data/gsm8k/test.jsonl generate.py common.py
+$(NEU)/n$(NEURON_N)/gen/%.jsonl: $(NEU)/models/%/config.json data/gsm8k/test.jsonl generate.py $(COMMON)
 	$(PY) generate.py --model $(NEU)/models/$* --style chat --max-new-tokens $(NEURON_TOKENS) --limit $(NEURON_N) \
 	  --batch-size $(BATCH) $(RT_FLAGS) data/gsm8k/test.jsonl -o $@
-$(NEU)/n$(NEURON_N)/scores/%.summary.json: $(NEU)/n$(NEURON_N)/gen/%.jsonl score.py common.py
+$(NEU)/n$(NEURON_N)/scores/%.summary.json: $(NEU)/n$(NEURON_N)/gen/%.jsonl score.py $(COMMON)
 	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
 
-$(NEU)/n$(NEURON_N)/report.md: $(NEU_EVAL) correlate.py common.py
+$(NEU)/n$(NEURON_N)/report.md: $(NEU_EVAL) correlate.py $(COMMON)
 	$(PY) correlate.py --study neurons --base $(NEU)/models/dense --models $(addprefix $(NEU)/models/,$(NEU_NAMES)) \
 	  --summaries $(NEU_EVAL) $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/gen/$(n).summary.json) -o $(@D)
 

@@ -20,10 +20,12 @@ import os
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, ArgumentParser, CotpruneError, JsonlAppender, chat_prompt, check_output_file, count,
-                    decode, describe_runtime, eos_token_ids, fast_linears, load_model, load_tokenizer, log,
-                    model_source, non_negative, positive, read_jsonl, require_fields, resolve_device, resolve_dtype,
-                    resolved_model, run_cli, runtime_info, set_seed, share, write_jsonl)
+from common.chat import chat_prompt
+from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
+from common.engine import decode, eos_token_ids, fast_linears
+from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_jsonl
+from common.models import load_model, load_tokenizer, model_source, resolved_model
+from common.runtime import DTYPES, describe_runtime, resolve_device, resolve_dtype, runtime_info, set_seed
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_INPUT = {"traces": f"{DATA}/gsm8k/train.jsonl", "prompts": f"{DATA}/gsm8k/train.jsonl",

@@ -24,11 +24,13 @@ import re
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, ArgumentParser, CotpruneError, JsonlAppender, Timer, chat_prompt, check_output_file, count,
-                    decode, describe_runtime, eos_token_ids, fast_linears, load_model, load_tokenizer, log,
-                    model_source, non_negative, param_counts, peak_memory_mb, positive, read_jsonl, require_fields,
-                    resolve_device, resolve_dtype, resolved_model, run_cli, runtime_info, set_seed, share, write_json,
-                    write_jsonl)
+from common.chat import chat_prompt
+from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
+from common.engine import decode, eos_token_ids, fast_linears
+from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_json, write_jsonl
+from common.models import load_model, load_tokenizer, model_source, resolved_model
+from common.runtime import (DTYPES, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
+                            resolve_dtype, runtime_info, set_seed)
 
 STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
     "cot": {"template": "Solve this step by step: Question: {q} Step 1:", "max_new_tokens": 150,

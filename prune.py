@@ -37,10 +37,11 @@ import struct
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, ArgumentParser, CotpruneError, Timer, block_linears, capture_block_inputs,
-                    check_output_folder, count, decoder_layers, describe_runtime, lineage, load_model, load_tokenizer,
-                    log, model_source, non_negative, param_counts, positive, read_jsonl, require_fields,
-                    resolve_device, resolve_dtype, run_cli, save_model_folder, set_seed, share, write_safetensors)
+from common.checkpoints import check_output_folder, lineage, save_model_folder, write_safetensors
+from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
+from common.files import read_jsonl, require_fields
+from common.models import block_linears, capture_block_inputs, decoder_layers, load_model, load_tokenizer, model_source
+from common.runtime import DTYPES, Timer, describe_runtime, param_counts, resolve_device, resolve_dtype, set_seed
 
 NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
 METHODS = ("magnitude", "wanda", "sparsegpt") + NEURON_METHODS

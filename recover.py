@@ -30,11 +30,14 @@ import re
 import torch
 from tqdm import tqdm
 
-from common import (DTYPES, ArgumentParser, CotpruneError, Timer, chat_messages, chat_prompt, check_output_folder,
-                    count, decoder_layers, describe_runtime, eos_token_ids, lineage, load_model, load_tokenizer, log,
-                    model_source, non_negative, param_counts, peak_memory_mb, positive, read_json, read_jsonl,
-                    require_fields, resolve_device, resolve_dtype, run_cli, save_model_folder, set_seed, share,
-                    write_jsonl, write_safetensors)
+from common.chat import chat_messages, chat_prompt
+from common.checkpoints import check_output_folder, lineage, save_model_folder, write_safetensors
+from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
+from common.engine import eos_token_ids
+from common.files import read_json, read_jsonl, require_fields, write_jsonl
+from common.models import decoder_layers, load_model, load_tokenizer, model_source
+from common.runtime import (DTYPES, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
+                            resolve_dtype, set_seed)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "gsm8k", "train.jsonl")

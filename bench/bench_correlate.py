@@ -21,7 +21,7 @@ PROBES = {
     "import only": "import torch, safetensors",
     "read both files": """
 import torch, safetensors
-from common import safetensors_files
+from common.checkpoints import safetensors_files
 for folder in (BASE, PRUNED):
     for path in safetensors_files(folder):
         with open(path, 'rb') as f:
@@ -30,7 +30,7 @@ for folder in (BASE, PRUNED):
 """,
     "correlate.compare": """
 import torch, safetensors
-from common import tensor_index
+from common.checkpoints import tensor_index
 from correlate import compare
 compare(BASE, PRUNED, tensor_index(BASE))
 """,

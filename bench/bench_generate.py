@@ -18,8 +18,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (decode, eos_token_ids, fast_linears, load_model, load_tokenizer, read_jsonl,  # noqa: E402
-                    resolve_dtype)
+from common.engine import decode, eos_token_ids, fast_linears  # noqa: E402
+from common.files import read_jsonl  # noqa: E402
+from common.models import load_model, load_tokenizer  # noqa: E402
+from common.runtime import resolve_dtype  # noqa: E402
 from generate import STYLES, build_prompt, stop_checker  # noqa: E402
 
 DEFAULT_MODEL = "out/SmolLM2-135M-Instruct/models/s0"

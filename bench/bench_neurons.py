@@ -27,7 +27,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import chat_prompt, decode, fast_linears, load_model, load_tokenizer, read_jsonl  # noqa: E402
+from common.chat import chat_prompt  # noqa: E402
+from common.engine import decode, fast_linears  # noqa: E402
+from common.files import read_jsonl  # noqa: E402
+from common.models import load_model, load_tokenizer  # noqa: E402
 
 DEFAULT_MODEL = "out/SmolLM2-135M-Instruct/models/s0"
 
@@ -54,7 +57,7 @@ def peft_worker(model_name, steps, out):
     from peft import LoraConfig, get_peft_model
 
     import recover
-    from common import eos_token_ids
+    from common.engine import eos_token_ids
     tok = load_tokenizer(model_name)
     model = load_model(model_name, torch.device("cpu"), torch.bfloat16)
     examples = recover.build_examples(tok, read_jsonl(recover.DEFAULT_DATA, 400), "train",

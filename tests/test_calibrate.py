@@ -4,7 +4,8 @@ import json
 import pytest
 
 import calibrate
-import common
+from common.chat import CHAT_INSTRUCTION
+from common.cli import CotpruneError
 
 
 def lines(path):
@@ -25,7 +26,7 @@ def test_traces_budget_fields_and_determinism(tmp_path, tiny_llama):
     assert [r["id"] for r in a] == [f"gsm8k-train-{i}" for i in range(len(a))]  # train, in file order
     for r in a:
         assert r["text"] == r["prompt"] + r["trace"] and r["tokens"] == r["prompt_tokens"] + r["trace_tokens"]
-        assert common.CHAT_INSTRUCTION in r["prompt"] and 1 <= r["trace_tokens"] <= 12
+        assert CHAT_INSTRUCTION in r["prompt"] and 1 <= r["trace_tokens"] <= 12
     assert traces(tmp_path, tiny_llama, "b.jsonl") == a  # same seed, same traces
     assert traces(tmp_path, tiny_llama, "c.jsonl", "--seed", "1") != a
 
@@ -62,6 +63,6 @@ def test_prompts_and_text_sources(tmp_path, tiny_llama):
 
 
 def test_text_source_needs_text_field(tmp_path, tiny_llama):
-    with pytest.raises(common.CotpruneError, match="lacks field"):
+    with pytest.raises(CotpruneError, match="lacks field"):
         calibrate.main(["--model", tiny_llama, "--source", "text", "data/gsm8k/test.jsonl", "-o",
                         str(tmp_path / "x.jsonl")])

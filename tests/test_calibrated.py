@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import prune
-from common import capture_block_inputs, decoder_layers, load_model, load_tokenizer
+from common.models import capture_block_inputs, decoder_layers, load_model, load_tokenizer
 
 
 def correlated_problem(rows=64, cols=256, n=2048, seed=0):

@@ -1,4 +1,4 @@
-"""common.py: the JSONL, atomic-write and model-source contracts."""
+"""common: the JSONL, atomic-write, argparse and model-source contracts."""
 import io
 import json
 import os
@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from common import (CotpruneError, JsonlAppender, atomic_open, model_source, read_jsonl, require_fields,
-                    write_jsonl)
+from common.cli import CotpruneError
+from common.files import JsonlAppender, atomic_open, read_jsonl, require_fields, write_jsonl
+from common.models import model_source
 
 
 def test_read_jsonl_names_file_and_line(tmp_path):
@@ -126,7 +127,7 @@ def test_atomic_open_leaves_a_users_tmp_file_alone(tmp_path):
 
 def test_safetensors_are_byte_reproducible(tmp_path):
     import torch
-    from common import write_safetensors
+    from common.checkpoints import write_safetensors
     meta = {f"key{i}": str(i) for i in range(20)}
     blobs = set()
     for i in range(3):
@@ -139,7 +140,7 @@ def test_safetensors_are_byte_reproducible(tmp_path):
 
 
 def test_argparse_errors_are_one_line():
-    from common import ArgumentParser, count
+    from common.cli import ArgumentParser, count
     p = ArgumentParser(prog="x.py")
     p.add_argument("--limit", type=count, default=0)
     with pytest.raises(SystemExit) as e:

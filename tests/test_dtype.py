@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-import common
-from common import CotpruneError, resolve_dtype
+import common.runtime as runtime
+from common.cli import CotpruneError
+from common.runtime import resolve_dtype
 
 CPU = torch.device("cpu")
 AVX2 = {"fpu", "sse2", "avx", "avx2", "fma"}
@@ -15,19 +16,19 @@ GRAVITON3 = {"fp", "asimd", "sve", "bf16", "i8mm"}
 @pytest.fixture
 def cpu(monkeypatch):
     """Simulate a CPU: its /proc/cpuinfo flags and, for the ambiguous ones, what the timed probe finds."""
-    monkeypatch.delenv(common.BF16_ENV, raising=False)
-    monkeypatch.setattr(common, "_CPU_BF16", None)
+    monkeypatch.delenv(runtime.BF16_ENV, raising=False)
+    monkeypatch.setattr(runtime, "_CPU_BF16", None)
     probes = []
 
     def simulate(flags, probe_fast=None):
-        monkeypatch.setattr(common, "_CPU_BF16", None)
-        monkeypatch.setattr(common, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(runtime, "_CPU_BF16", None)
+        monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
 
         def probe():
             probes.append(1)
             assert probe_fast is not None, "the probe ran for a CPU whose flags settle the question"
             return probe_fast, 2.0 if probe_fast else 0.1
-        monkeypatch.setattr(common, "_bf16_probe", probe)
+        monkeypatch.setattr(runtime, "_bf16_probe", probe)
         return probes
     return simulate
 
@@ -54,14 +55,14 @@ def test_ambiguous_cpus_are_settled_by_the_probe_once(cpu, fast):
 
 def test_environment_forces_either_path(cpu, monkeypatch):
     cpu(SAPPHIRE_RAPIDS)
-    monkeypatch.setenv(common.BF16_ENV, "0")
-    assert resolve_dtype("auto", CPU) == (torch.float32, f"{common.BF16_ENV}=0")
-    monkeypatch.setattr(common, "_CPU_BF16", None)
+    monkeypatch.setenv(runtime.BF16_ENV, "0")
+    assert resolve_dtype("auto", CPU) == (torch.float32, f"{runtime.BF16_ENV}=0")
+    monkeypatch.setattr(runtime, "_CPU_BF16", None)
     cpu(AVX2)
-    monkeypatch.setenv(common.BF16_ENV, "1")
+    monkeypatch.setenv(runtime.BF16_ENV, "1")
     assert resolve_dtype("auto", CPU)[0] == torch.bfloat16
-    monkeypatch.setattr(common, "_CPU_BF16", None)
-    monkeypatch.setenv(common.BF16_ENV, "yes")
+    monkeypatch.setattr(runtime, "_CPU_BF16", None)
+    monkeypatch.setenv(runtime.BF16_ENV, "yes")
     with pytest.raises(CotpruneError, match="must be 0 or 1"):
         resolve_dtype("auto", CPU)
 
@@ -88,13 +89,13 @@ def test_gpus_without_bfloat16_get_float16_but_never_for_training(monkeypatch, n
 
 
 def test_cpu_flags_reads_this_machine():
-    flags = common.cpu_flags()
+    flags = runtime.cpu_flags()
     assert flags is None or isinstance(flags, set)
 
 
 def test_the_real_probe_is_quick_and_answers():
     import time
     t0 = time.perf_counter()
-    fast, ratio = common._bf16_probe()
+    fast, ratio = runtime._bf16_probe()
     assert isinstance(fast, bool) and ratio > 0
     assert time.perf_counter() - t0 < 30  # generous: it is ~0.1 s; this only catches a runaway probe

@@ -1,4 +1,4 @@
-"""generate.py and common.decode: same greedy tokens as model.generate, resumable, stop strings, summary."""
+"""generate.py and engine.decode: same greedy tokens as model.generate, resumable, stop strings, summary."""
 import json
 import math
 import os
@@ -6,9 +6,12 @@ import os
 import pytest
 import torch
 
-import common
+import common.engine as engine
+from common.chat import CHAT_INSTRUCTION
+from common.runtime import BF16_ENV
 import generate
-from common import decode, load_model, load_tokenizer
+from common.engine import decode
+from common.models import load_model, load_tokenizer
 from conftest import run_script
 
 
@@ -74,7 +77,7 @@ def test_interrupted_run_resumes_without_repeating(tmp_path, tiny_llama, monkeyp
     out = tmp_path / "gen.jsonl"
     argv = ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "4", "--batch-size", "3", src,
             "-o", str(out)]
-    real, calls = common.decode, []
+    real, calls = engine.decode, []
 
     def dies_on_second_batch(model, prompts, *a, **k):
         calls.append(len(prompts))
@@ -116,7 +119,7 @@ def test_chat_prompt_uses_the_template(tmp_path, tiny_llama):
                    "-o", str(out)])
     prompt = json.loads(out.read_text())["prompt"]
     assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
-    assert common.CHAT_INSTRUCTION in prompt
+    assert CHAT_INSTRUCTION in prompt
 
 
 def test_pipe_to_stdout_and_bad_input(tmp_path, tiny_llama):
@@ -149,8 +152,8 @@ def test_fast_linears_same_tokens_and_restores(tiny_llama):
     model = load_model(tiny_llama, torch.device("cpu"), torch.bfloat16)
     prompts = [tok(t)["input_ids"] for t in ["Tom has 3 apples.", "How many eggs?"]]
     plain = decode(model, prompts, 10, set(), tok.pad_token_id)
-    expect = packed_bf16_available() and os.environ.get(common.BF16_ENV) != "0"
-    with common.fast_linears(model) as used:
+    expect = packed_bf16_available() and os.environ.get(BF16_ENV) != "0"
+    with engine.fast_linears(model) as used:
         assert used == expect
         assert any("forward" in vars(m) for m in model.modules()) == expect  # swapped in exactly when usable
         packed = decode(model, prompts, 10, set(), tok.pad_token_id)
@@ -159,15 +162,15 @@ def test_fast_linears_same_tokens_and_restores(tiny_llama):
 
 
 def test_fast_linears_step_aside_when_forced_off(tiny_llama, monkeypatch):
-    monkeypatch.setenv(common.BF16_ENV, "0")
+    monkeypatch.setenv(BF16_ENV, "0")
     model = load_model(tiny_llama, torch.device("cpu"), torch.bfloat16)
-    with common.fast_linears(model) as used:
+    with engine.fast_linears(model) as used:
         assert used is False and not any("forward" in vars(m) for m in model.modules())
 
 
 def test_fast_linears_leave_float32_alone(tiny_llama):
     model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
-    with common.fast_linears(model) as used:
+    with engine.fast_linears(model) as used:
         assert used is False
 
 
@@ -176,7 +179,7 @@ def test_resumed_sampling_equals_uninterrupted(tmp_path, tiny_llama, monkeypatch
     argv = lambda out: ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2",
                         "--temperature", "1.0", "--seed", "3", src, "-o", str(tmp_path / out)]
     generate.main(argv("whole.jsonl"))
-    real, calls = common.decode, []
+    real, calls = engine.decode, []
 
     def dies_on_second_batch(*a, **k):
         calls.append(1)
@@ -244,7 +247,7 @@ def test_resume_with_other_flags_is_refused(tmp_path, tiny_llama, monkeypatch):
     """A leftover OUT.part made with --max-new-tokens 6 is not merged into a run asking for 2 tokens."""
     src = problems_file(tmp_path, 4)
     out = tmp_path / "gen.jsonl"
-    real, calls = common.decode, []
+    real, calls = engine.decode, []
 
     def dies_on_second_batch(*a, **k):
         calls.append(1)

@@ -8,7 +8,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import prune
-from common import block_linears, read_checkpoint_meta
+from common.checkpoints import read_checkpoint_meta
+from common.models import block_linears
 from conftest import run_script
 
 

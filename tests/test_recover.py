@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prune
 import recover
-from common import block_linears, eos_token_ids
+from common.engine import eos_token_ids
+from common.models import block_linears
 from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

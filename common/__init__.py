@@ -1,0 +1,22 @@
+"""Contracts shared by the cotprune stages, one module per concern; import what you need from the module by name.
+
+    cli          one-line errors, argparse with parse-time number checks, run_cli
+    files        JSONL in and out, atomic writes, strict JSON, resumable output (JsonlAppender)
+    runtime      device, dtype (bfloat16 only where native), seed, memory, parameter counts
+    models       loading (hub id, folder, .gguf, embedded), decoder blocks, the layer-capture idiom
+    checkpoints  self-describing safetensors, safe output folders, weight fingerprints
+    chat         the one chat format of evaluation, calibration and recovery
+    engine       the generation engine (decode, packed linears): the code that leans on library internals
+    stats        intervals and paired tests for the reports (numpy only)
+    sandbox      running model-written code with limits, for HumanEval
+
+Nothing here is a pruning or scoring algorithm. A stage plus this folder can be copied into another project.
+"""
+# Transitional: score.py and correlate.py still import from the package root.
+from common.checkpoints import *  # noqa: F401,F403
+from common.chat import *  # noqa: F401,F403
+from common.cli import *  # noqa: F401,F403
+from common.engine import *  # noqa: F401,F403
+from common.files import *  # noqa: F401,F403
+from common.models import *  # noqa: F401,F403
+from common.runtime import *  # noqa: F401,F403

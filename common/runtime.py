@@ -1,0 +1,171 @@
+"""Device, dtype and seed, resolved once: bfloat16 only where the hardware runs it natively, measured, not assumed.
+
+    resolve_device / resolve_dtype / cpu_bf16    auto = the fastest supported choice, with the reason in words
+    describe_runtime / runtime_info              printed once on stderr, written into summaries and metadata
+    set_seed / peak_memory_mb / param_counts / Timer
+"""
+import os
+import random
+import resource
+import time
+
+from common.cli import CotpruneError, log
+
+
+def resolve_device(name="auto"):
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CotpruneError(f"unknown --device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CotpruneError(f"--device {name} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+BF16_ENV = "COTPRUNE_CPU_BF16"  # 1 / 0 overrides the CPU bfloat16 check (tests and CI force both paths with it)
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (x86 'flags', Arm 'Features'); None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def _bf16_probe():
+    """Is a decode-shaped bfloat16 matmul at least as fast as float32 here? (about 0.1 s; best of 3 each)"""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 512, generator=g), torch.randn(512, 1024, generator=g)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = a.to(dtype), b.to(dtype)
+        x @ w  # warm-up: oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            x @ w
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] <= best[torch.float32], best[torch.float32] / best[torch.bfloat16]
+
+
+_CPU_BF16 = None  # (native, reason), decided once per process
+
+
+def cpu_bf16():
+    """(True if bfloat16 is both supported and fast on this CPU, the reason in words).
+
+    Native bfloat16 (avx512_bf16, AMX, Arm bf16) runs matmuls about 2x faster than float32 there; on CPUs without
+    it (AVX2-class x86: most laptops before 2022, AMD Zen 2/3, many cloud VMs) torch emulates bfloat16 5-60x slower
+    than float32. AVX-512 without bf16, and CPUs whose flags cannot be read, are settled by a timed probe.
+    """
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        forced = os.environ.get(BF16_ENV, "").strip()
+        flags = cpu_flags()
+        if forced in ("0", "1"):
+            _CPU_BF16 = forced == "1", f"{BF16_ENV}={forced}"
+        elif forced:
+            raise CotpruneError(f"{BF16_ENV} must be 0 or 1 (or unset), got {forced!r}")
+        elif flags is not None and flags & {"avx512_bf16", "amx_bf16", "bf16"}:
+            _CPU_BF16 = True, "this CPU has native bfloat16 (" + ", ".join(
+                sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})) + ")"
+        elif flags is not None and "avx2" in flags and "avx512bw" not in flags:
+            _CPU_BF16 = False, "this CPU has no native bfloat16 (AVX2 only)"
+        else:
+            fast, ratio = _bf16_probe()
+            _CPU_BF16 = fast, (f"a timed probe found bfloat16 matmuls {ratio:.2f}x the speed of float32 on this CPU, "
+                               f"which has no native bfloat16 flag")
+    return _CPU_BF16
+
+
+def resolve_dtype(name, device, training=False):
+    """(torch dtype, reason) for --dtype `name` on `device`; 'auto' picks what is supported and fast there.
+
+    CPU: bfloat16 where cpu_bf16() says it is native and fast, else float32. CUDA: bfloat16 where the GPU has it
+    natively (Ampere and later), else float16 for inference and float32 for training (float16 training needs loss
+    scaling, which recover.py does not do). MPS: float16 for inference, float32 for training. SparseGPT's Hessians
+    and all statistics are accumulated in float32 or float64 whatever this returns.
+    """
+    import torch
+    if name != "auto":
+        return getattr(torch, name), f"--dtype {name}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "this GPU has native bfloat16"
+        if training:
+            return torch.float32, "this GPU has no native bfloat16, and float16 training would need loss scaling"
+        return torch.float16, "this GPU has no native bfloat16"
+    if device.type == "mps":
+        return (torch.float32, "training on MPS") if training else (torch.float16, "MPS")
+    native, reason = cpu_bf16()
+    return (torch.bfloat16 if native else torch.float32), reason
+
+
+def set_seed(seed):
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process in MiB: allocated GPU memory on CUDA, else peak resident set size."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def param_counts(model):
+    """(all parameters, non-zero parameters, bytes of the dense weights); tied tensors count once."""
+    seen, total, nonzero, nbytes = set(), 0, 0, 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+        nonzero += int(p.count_nonzero())
+        nbytes += p.numel() * p.element_size()
+    return total, nonzero, nbytes
+
+
+def runtime_info(device, dtype, seed, dtype_reason=None):
+    """The resolved device, dtype (and why) and seed, as summaries and checkpoint metadata record them."""
+    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "dtype_reason": dtype_reason,
+            "seed": seed}
+
+
+def describe_runtime(device, dtype, seed, dtype_reason=None):
+    """Log the resolved device, dtype (and why) and seed once on stderr; returns runtime_info."""
+    info = runtime_info(device, dtype, seed, dtype_reason)
+    log(f"device {device}, dtype {info['dtype']}" + (f" ({dtype_reason})" if dtype_reason else "") + f", seed {seed}")
+    return info
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
