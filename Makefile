@@ -1,5 +1,5 @@
 # cotprune: each artifact is a file made by one stage script; `make help` lists the targets.
-#   make all                                   the study on the embedded SmolLM2-135M-Instruct (offline)
+#   make all                                   the three studies on the embedded SmolLM2-135M-Instruct (offline)
 #   make all MODEL=Qwen/Qwen2.5-0.5B-Instruct  the same on a hub model, a local folder or a .gguf file
 #   make all N=200 SPARSITIES="0.1 0.5"        bigger or narrower runs
 SHELL := bash
@@ -45,11 +45,11 @@ SLUG ?= $(patsubst %.gguf,%,$(notdir $(patsubst %/,%,$(MODEL))))
 endif
 OUT ?= out/$(SLUG)
 MODELS := $(OUT)/models
-RUN := $(OUT)/n$(N)
+MAG := $(OUT)/n$(N)
 ALL_SP := 0 $(SPARSITIES)
 RT_FLAGS := --dtype $(DTYPE) --device $(DEVICE)
 GEN_FLAGS := --limit $(N) --batch-size $(BATCH) $(RT_FLAGS)
-SCORES := $(foreach st,$(STYLES),$(foreach sp,$(ALL_SP),$(RUN)/scores/$(st)/s$(sp).jsonl))
+SCORES := $(foreach st,$(STYLES),$(foreach sp,$(ALL_SP),$(MAG)/scores/$(st)/s$(sp).jsonl))
 
 RAC := $(OUT)/rac
 RAC_LEVELS := $(RAC_SPARSITIES) $(subst :,of,$(RAC_NM))
@@ -62,7 +62,7 @@ NEU_PRUNED := $(foreach l,$(NEURON_SPARSITIES),selective-$(l) $(foreach s,$(RAND
 NEU_NAMES := $(NEU_PRUNED) $(foreach l,$(NEURON_SPARSITIES),lora-selective-$(l))
 NEU_EVAL := $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/scores/$(n).summary.json)
 
-.PHONY: help all study rac neurons smoke test test-slow bench venv clean
+.PHONY: help all magnitude rac neurons smoke test test-slow bench venv clean
 ## help: list the targets
 help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
@@ -71,8 +71,8 @@ help:
 all: $(OUT)/report.md
 	@echo "report: $(OUT)/report.md"
 
-## study: the magnitude-pruning faithfulness study alone
-study: $(RUN)/magnitude/report.md
+## magnitude: the magnitude-pruning faithfulness study alone
+magnitude: $(MAG)/magnitude/report.md
 
 ## rac: the reasoning-aware compression study alone (SparseGPT/Wanda on text, prompts, own traces)
 rac: $(RAC)/n$(RAC_N)/report.md
@@ -98,15 +98,15 @@ $(MODELS)/s%/config.json: $(MODELS)/s0/config.json prune.py $(COMMON)
 	$(PY) prune.py --model $(MODELS)/s0 --method magnitude --sparsity $* -o $(MODELS)/s$*
 
 define STYLE_RULES
-$(RUN)/gen/$(1)/s%.jsonl: $(MODELS)/s%/config.json data/gsm8k/test.jsonl generate.py $(COMMON)
+$(MAG)/gen/$(1)/s%.jsonl: $(MODELS)/s%/config.json data/gsm8k/test.jsonl generate.py $(COMMON)
 	$(PY) generate.py --model $(MODELS)/s$$* --style $(1) $(GEN_FLAGS) data/gsm8k/test.jsonl -o $$@
 
-$(RUN)/scores/$(1)/s%.jsonl: $(RUN)/gen/$(1)/s%.jsonl score.py $(COMMON)
+$(MAG)/scores/$(1)/s%.jsonl: $(MAG)/gen/$(1)/s%.jsonl score.py $(COMMON)
 	$(PY) score.py $$< -o $$@
 endef
 $(foreach st,$(STYLES),$(eval $(call STYLE_RULES,$(st))))
 
-$(RUN)/magnitude/report.md: $(SCORES) correlate.py $(COMMON)
+$(MAG)/magnitude/report.md: $(SCORES) correlate.py $(COMMON)
 	$(PY) correlate.py --base $(MODELS)/s0 --models $(addprefix $(MODELS)/s,$(ALL_SP)) -o $(@D) \
 	  --summaries $(SCORES:.jsonl=.summary.json) $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
 
@@ -148,18 +148,19 @@ $(RAC)/n$(RAC_N)/report.md: $(RAC_EVAL) correlate.py $(COMMON)
 	$(PY) correlate.py --study rac --base $(RAC)/models/dense --models $(addprefix $(RAC)/models/,$(RAC_NAMES)) \
 	  --summaries $(RAC_EVAL) $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/gen/$(n).summary.json) -o $(@D)
 
-# ---- task-specific neurons: selectivity once (with the dense copy), pruned models, LoRA recovery, chat evaluation
-NEU_FLAGS = --multiple $(MULTIPLE) --n-prompts $(NEURON_PROMPTS) --scores $(NEU)/selectivity.safetensors $(RT_FLAGS)
-$(NEU)/models/dense/config.json: $(MODELS)/s0/config.json prune.py $(COMMON)
-	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity 0 $(NEU_FLAGS) -o $(@D)
-$(NEU)/models/selective-%/config.json: $(NEU)/models/dense/config.json prune.py $(COMMON)
-	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity $* $(NEU_FLAGS) -o $(@D)
-$(NEU)/models/reverse-%/config.json: $(NEU)/models/dense/config.json prune.py $(COMMON)
-	$(PY) prune.py --model $(MODELS)/s0 --method neuron-reverse --sparsity $* $(NEU_FLAGS) -o $(@D)
+# ---- task-specific neurons: selectivity once (calibrate.py), pruned models, LoRA recovery, chat evaluation
+$(NEU)/selectivity.safetensors: $(MODELS)/s0/config.json calibrate.py $(COMMON)
+	$(PY) calibrate.py --model $(MODELS)/s0 --source selectivity --n-prompts $(NEURON_PROMPTS) --batch-size $(BATCH) \
+	  $(RT_FLAGS) -o $@
+$(NEU)/models/dense/config.json: $(MODELS)/s0/config.json
+	mkdir -p $(NEU)/models && ln -sfn $(abspath $(MODELS)/s0) $(NEU)/models/dense
+$(NEU)/models/selective-%/config.json: $(NEU)/selectivity.safetensors prune.py $(COMMON)
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity $* --multiple $(MULTIPLE) --scores $< -o $(@D)
+$(NEU)/models/reverse-%/config.json: $(NEU)/selectivity.safetensors prune.py $(COMMON)
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-reverse --sparsity $* --multiple $(MULTIPLE) --scores $< -o $(@D)
 define RANDOM_MODEL
 $(NEU)/models/random$(1)-%/config.json: $(MODELS)/s0/config.json prune.py $(COMMON)
-	$(PY) prune.py --model $(MODELS)/s0 --method neuron-random --seed $(1) --sparsity $$* --multiple $(MULTIPLE) \
-	  $(RT_FLAGS) -o $$(@D)
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-random --seed $(1) --sparsity $$* --multiple $(MULTIPLE) -o $$(@D)
 endef
 $(foreach s,$(RANDOM_SEEDS),$(eval $(call RANDOM_MODEL,$(s))))
 $(NEU)/models/lora-%/config.json: $(NEU)/models/%/config.json data/gsm8k/train.jsonl recover.py $(COMMON)
@@ -176,7 +177,7 @@ $(NEU)/n$(NEURON_N)/report.md: $(NEU_EVAL) correlate.py $(COMMON)
 	$(PY) correlate.py --study neurons --base $(NEU)/models/dense --models $(addprefix $(NEU)/models/,$(NEU_NAMES)) \
 	  --summaries $(NEU_EVAL) $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/gen/$(n).summary.json) -o $(@D)
 
-$(OUT)/report.md: $(RUN)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md $(NEU)/n$(NEURON_N)/report.md
+$(OUT)/report.md: $(MAG)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md $(NEU)/n$(NEURON_N)/report.md
 	{ echo "# cotprune report: $(SLUG)"; echo; \
 	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, batch $(BATCH), dtype $(DTYPE); made $$(date -u +%F) on" \
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \

@@ -53,7 +53,8 @@ def build_parser():
     p.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (cut from the output); default: the style's ('\\nQuestion:' "
                         "for cot and direct, none for chat)")
-    p.add_argument("--no-stop", action="store_true", help="use no stop strings at all")
+    p.add_argument("--stop-strings", action=argparse.BooleanOptionalAction, default=True,
+                   help="cut at stop strings (--stop, else the style's); --no-stop-strings: none at all")
     p.add_argument("--stop-boxed", action=argparse.BooleanOptionalAction, default=False,
                    help="stop once the output holds a complete \\boxed{...} answer (the neuron paper's mitigation "
                         "of Type 1 traps)")
@@ -62,7 +63,7 @@ def build_parser():
     p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=count, default=0, help="sampling: keep the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=share, default=1.0, help="sampling: nucleus mass, in (0, 1]")
-    p.add_argument("--perplexity", action="store_true",
+    p.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=False,
                    help="score the `trace` of each record after its `prompt` (teacher-forced, no generation)")
     p.add_argument("--summary", default=None, help="summary JSON path; default OUT.summary.json (none for stdout)")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
@@ -135,22 +136,22 @@ def trace_nll(model, prompt_ids, trace_ids):
     return float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids):], reduction="sum"))
 
 
-def perplexity_main(args, records, device, dtype, runtime):
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    model = load_model(args.model, device, dtype, args.trust_remote_code)
+def trace_perplexities(model, tokenizer, records, model_name):
+    """[{id, model, nll, trace_tokens}]: each record's `trace` scored teacher-forced after its `prompt`."""
     out = []
     with fast_linears(model):
         for r in tqdm(records, desc="perplexity", unit="trace", disable=None):
-            p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
-            t = tok(r["trace"], add_special_tokens=False)["input_ids"]
+            p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+            t = tokenizer(r["trace"], add_special_tokens=False)["input_ids"]
             if t:
-                out.append({"id": r["id"], "model": args.model, "nll": trace_nll(model, p, t), "trace_tokens": len(t)})
-    write_jsonl(args.out, out)
-    nll, n = sum(r["nll"] for r in out), sum(r["trace_tokens"] for r in out)
-    summary = {"stage": "perplexity", "model": args.model, "style": "traces", "n": len(out), **runtime,
-               "trace_tokens": n, "nll_per_token": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
-    log(f"{len(out)} traces, {n} tokens: perplexity {summary['perplexity']:.3f}")
-    return summary
+                out.append({"id": r["id"], "model": model_name, "nll": trace_nll(model, p, t), "trace_tokens": len(t)})
+    return out
+
+
+def perplexity_summary(rows, model_name, runtime):
+    nll, n = sum(r["nll"] for r in rows), sum(r["trace_tokens"] for r in rows)
+    return {"stage": "perplexity", "model": model_name, "style": "traces", "n": len(rows), **runtime,
+            "trace_tokens": n, "nll_per_token": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
 
 
 def summarize(records, model_name, style, runtime, counts, batch_size, max_new_tokens, peak_mb):
@@ -179,7 +180,7 @@ def main(argv=None):
     model_source(args.model)  # a missing model fails here, before any work
     style = STYLES[args.style]
     max_new = args.max_new_tokens or style["max_new_tokens"]
-    stops = [] if args.no_stop else (args.stop if args.stop is not None else style["stop"])
+    stops = (args.stop if args.stop is not None else style["stop"]) if args.stop_strings else []
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
     set_seed(args.seed)
@@ -187,7 +188,12 @@ def main(argv=None):
     summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
     if args.perplexity:
         describe_runtime(device, dtype, args.seed, why)
-        summary = perplexity_main(args, problems, device, dtype, runtime)
+        tok = load_tokenizer(args.model, args.trust_remote_code)
+        model = load_model(args.model, device, dtype, args.trust_remote_code)
+        rows = trace_perplexities(model, tok, problems, args.model)
+        write_jsonl(args.out, rows)
+        summary = perplexity_summary(rows, args.model, runtime)
+        log(f"{len(rows)} traces, {summary['trace_tokens']} tokens: perplexity {summary['perplexity']:.3f}")
         if summary_path:
             write_json(summary_path, summary)
         return

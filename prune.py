@@ -5,7 +5,8 @@
     python prune.py --model Qwen/Qwen2.5-0.5B-Instruct --sparsity 0.3 --scope global -o out/q-g0.3
     python prune.py --model out/M0 --method sparsegpt --calib calib/traces.jsonl --sparsity 0.5 -o out/rac0.5
     python prune.py --model out/M0 --method wanda --calib calib/text.jsonl --nm 2:4 -o out/wanda-2of4
-    python prune.py --model out/M0 --method neuron-selective --sparsity 0.25 --scores out/sel.safetensors -o out/n25
+    python calibrate.py --model out/M0 --source selectivity -o out/sel.safetensors && \
+        python prune.py --model out/M0 --method neuron-selective --sparsity 0.25 --scores out/sel.safetensors -o out/n25
 
 Magnitude (L1) pruning zeroes the weights of smallest |w| in every nn.Linear inside the decoder blocks. By default
 the threshold is per matrix, so each matrix reaches the requested sparsity exactly (round(S * numel) zeros);
@@ -18,13 +19,12 @@ Wanda and SparseGPT are calibrated: texts from --calib (JSONL with `text`, e.g. 
 already pruned blocks before it, one block on the compute device at a time. Linears that read the same input
 (q/k/v, gate/up) share one Gram matrix G = sum x x^T and, for SparseGPT, one factorised Hessian H = 2G/n.
 
-Neuron methods remove whole MLP neurons (task-specific neuron paper, §3 and Appendix B): each neuron's selectivity
-S = (mu_target - mu_distractor) / (sigma + 1e-6) comes from its mean |SwiGLU activation| (the input of down_proj)
-over the real tokens of each --target and --distractor prompt; neuron-selective removes the lowest S in every
-layer, neuron-reverse the highest, neuron-random a seeded random set of the same size. The kept count per layer is
-the largest multiple of --multiple not above (1 - S) * d_ff. The rows of gate/up and the columns of down are
-sliced away and config.intermediate_size shrinks, so the folder is a smaller ordinary model. The scores (and the
-kept indices) go to neuron_scores.safetensors in the folder, and to --scores FILE, which later runs reuse.
+Neuron methods remove whole MLP neurons (task-specific neuron paper, §3 and Appendix B) by the selectivity S that
+calibrate.py --source selectivity measured (--scores FILE, as the calibrated methods read --calib):
+neuron-selective removes the lowest S in every layer, neuron-reverse the highest, neuron-random a seeded random set
+of the same size (it needs no scores). The kept count per layer is the largest multiple of --multiple not above
+(1 - S) * d_ff. The rows of gate/up and the columns of down are sliced away and config.intermediate_size shrinks,
+so the folder is a smaller ordinary model; the scores and the kept indices go to neuron_scores.safetensors in it.
 
 The folder holds prune_report.json: the achieved sparsity per matrix and overall, and for calibrated methods the
 relative reconstruction error |WX - W'X|^2 / |WX|^2 on the calibration windows and the seconds per matrix.
@@ -37,19 +37,16 @@ import struct
 import torch
 from tqdm import tqdm
 
-from common.checkpoints import check_output_folder, lineage, save_model_folder, write_safetensors
-from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
+from common.checkpoints import check_output_folder, lineage, save_model_folder, weights_fingerprint, write_safetensors
+from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli
 from common.files import read_jsonl, require_fields
-from common.models import block_linears, capture_block_inputs, decoder_layers, load_model, load_tokenizer, model_source
+from common.models import (block_linears, capture_block_inputs, decoder_layers, gated_mlps, load_model, load_tokenizer,
+                           model_source)
 from common.runtime import DTYPES, Timer, describe_runtime, param_counts, resolve_device, resolve_dtype, set_seed
 
 NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
 METHODS = ("magnitude", "wanda", "sparsegpt") + NEURON_METHODS
 CALIBRATED = ("wanda", "sparsegpt")
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TARGET = os.path.join(HERE, "data", "gsm8k", "train.jsonl")
-DEFAULT_DISTRACTOR = os.path.join(HERE, "data", "distract", "distract_mix_1000.jsonl")
-EPS = 1e-6  # neuron paper eq. 2
 
 
 def build_parser():
@@ -63,27 +60,21 @@ def build_parser():
     p.add_argument("--calib", default=None, help="calibration JSONL with a `text` field (wanda, sparsegpt)")
     p.add_argument("--n-samples", type=positive, default=64, help="calibration windows")
     p.add_argument("--seqlen", type=positive, default=512, help="tokens per calibration window")
-    p.add_argument("--calib-batch", type=positive, default=8,
-                   help="calibration windows (neuron methods: prompts) per forward pass")
+    p.add_argument("--calib-batch", type=positive, default=8, help="calibration windows per forward pass")
     p.add_argument("--blocksize", type=positive, default=128, help="SparseGPT: columns per lazy-update block")
     p.add_argument("--percdamp", type=non_negative, default=0.01, help="SparseGPT: damping, as a share of mean(diag H)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="layer: threshold per matrix (exact sparsity each); global: one threshold for all")
     p.add_argument("--prune-embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="also prune the input embeddings and lm_head (one matrix when tied)")
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help="neuron methods: JSONL of target-task prompts (`question` or `text`); default GSM8K train")
-    p.add_argument("--distractor", default=DEFAULT_DISTRACTOR,
-                   help="neuron methods: JSONL of distractor prompts (`question` or `text`); default data/distract")
-    p.add_argument("--n-prompts", type=count, default=800, help="neuron methods: prompts taken from each set; 0 = all")
-    p.add_argument("--multiple", type=positive, default=128, help="neuron methods: kept neurons per layer are a multiple")
+    p.add_argument("--multiple", type=positive, default=128,
+                   help="neuron methods: the kept neurons per layer are a multiple of this")
     p.add_argument("--scores", default=None,
-                   help="neuron methods: selectivity cache (.safetensors): read if it exists, else computed and "
-                        "written there")
+                   help="neuron-selective, neuron-reverse: selectivity file from calibrate.py --source selectivity")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype of the calibrated and neuron methods' forward passes; auto = bfloat16 where "
-                        "the device runs it natively, else float32 (float16 on GPUs without bfloat16). Gram matrices, "
-                        "Hessians and activation statistics are summed in float32/float64 whatever this is")
+                   help="compute dtype of the calibrated methods' forward passes; auto = bfloat16 where the device "
+                        "runs it natively, else float32 (float16 on GPUs without bfloat16). Gram matrices and "
+                        "Hessians are summed in float32 whatever this is")
     p.add_argument("--save-dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="storage dtype of the output; keep = the source checkpoint's")
     p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
@@ -393,88 +384,6 @@ def calibrated_prune_(model, windows, method, sparsity, nm, device, blocksize=12
 
 # ------------------------------------------------------------------------------------ structural neuron pruning
 
-def gated_mlps(model):
-    """[(gate_proj, up_proj, down_proj)] per decoder block: the SwiGLU MLPs of Llama, Qwen2, Mistral, Gemma."""
-    mlps = []
-    for i, layer in enumerate(decoder_layers(model)):
-        mlp = getattr(layer, "mlp", None)
-        parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(m, torch.nn.Linear) for m in parts):
-            raise CotpruneError(f"neuron pruning needs gated MLPs (mlp.gate_proj/up_proj/down_proj); block {i} of "
-                                f"{type(model).__name__} has none")
-        mlps.append(tuple(parts))
-    return mlps
-
-
-def prompt_texts(records, name):
-    """The prompt of each record: its `question`, else its `text`."""
-    texts = []
-    for i, r in enumerate(records, 1):
-        text = r.get("question", r.get("text"))
-        if not isinstance(text, str) or not text:
-            raise CotpruneError(f"{name}: record {i} (id {r.get('id', '?')!r}) has no `question` or `text` string")
-        texts.append(text)
-    return texts
-
-
-class ActivationStats:
-    """Running per-neuron sums over prompts of their mean |activation| a_bar [L, d_ff] (float64, streamed)."""
-
-    def __init__(self):
-        self.n, self.sum, self.sumsq = 0, 0.0, 0.0
-
-    def add(self, a):  # a: [prompts, L, d_ff], one row per prompt
-        a = a.double()
-        self.n += a.shape[0]
-        self.sum = self.sum + a.sum(0)
-        self.sumsq = self.sumsq + (a * a).sum(0)
-
-
-def selectivity(target, distractor, eps=EPS):
-    """(S, mu_target, mu_distractor, sigma), each [L, d_ff]: S = (mu_t - mu_d) / (sigma + eps) (neuron paper eq. 2).
-
-    sigma is the standard deviation over all prompts of both sets pooled, with Bessel's correction (n - 1).
-    """
-    n = target.n + distractor.n
-    if target.n == 0 or distractor.n == 0 or n < 2:
-        raise CotpruneError("selectivity needs at least one target and one distractor prompt")
-    mu_t, mu_d = target.sum / target.n, distractor.sum / distractor.n
-    mean = (target.sum + distractor.sum) / n
-    var = ((target.sumsq + distractor.sumsq) - n * mean * mean).clamp(min=0) / (n - 1)
-    sigma = var.sqrt()
-    return ((mu_t - mu_d) / (sigma + eps)).float(), mu_t.float(), mu_d.float(), sigma.float()
-
-
-def mean_abs_activations(model, tokenizer, texts, device, batch, max_tokens, stats, desc, dtype=torch.float32):
-    """Add each prompt's mean |h| over its real tokens, per layer, to `stats`; h = act(gate x) * up x, the input of
-    down_proj (neuron paper eq. 1 and eq. 7). Prompts are right-padded; padding never enters a mean."""
-    downs = [down for _, _, down in gated_mlps(model)]
-    caught, mask = [None] * len(downs), {}
-
-    def grab(i):
-        def hook(mod, args):
-            m = mask["m"]  # [B, T, 1]
-            caught[i] = (args[0].abs().float() * m).sum(1) / m.sum(1)  # [B, d_ff]
-        return hook
-
-    hooks = [d.register_forward_pre_hook(grab(i)) for i, d in enumerate(downs)]
-    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # similar lengths together: little padding
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    try:
-        with torch.inference_mode(), autocast:
-            for k in tqdm(range(0, len(order), batch), desc=desc, unit="batch", disable=None):
-                enc = tokenizer([texts[j] for j in order[k: k + batch]], return_tensors="pt", padding=True,
-                                truncation=True, max_length=max_tokens, padding_side="right")
-                mask["m"] = enc["attention_mask"].to(device)[:, :, None].float()
-                model.base_model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                                 use_cache=False)  # the decoder only: no logits needed
-                stats.add(torch.stack(caught, dim=1).cpu())  # [B, L, d_ff]
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
-
-
 def kept_count(d_ff, sparsity, multiple):
     """Neurons kept per layer: d_ff at sparsity 0, else the largest multiple of `multiple` not above
     (1 - sparsity) * d_ff, so at least the nominal share goes (the neuron paper's Table 2 ratios)."""
@@ -522,30 +431,15 @@ def slice_mlps_(model, kept):
     model.config.intermediate_size = kept.shape[1]
 
 
-def scores_meta(model_name, target, distractor, n_prompts, seqlen, dtype):
-    """What a selectivity cache was computed from: a cache from other inputs must not be reused."""
-    return {"cotprune_scores": "1", "source_model": os.path.realpath(model_name) if os.path.exists(model_name)
-            else model_name, "target": os.path.realpath(target), "distractor": os.path.realpath(distractor),
-            "n_prompts": str(n_prompts), "seqlen": str(seqlen), "score_dtype": dtype}
-
-
-def check_scores_meta(path, meta):
-    """Refuse a selectivity cache computed from other inputs (checked before the model is loaded)."""
+def load_scores(path, model, shape):
+    """{selectivity, mu_target, mu_distractor, sigma} [L, d_ff] from calibrate.py --source selectivity, refused if
+    they were measured on another model (weight fingerprints differ) or have another shape."""
     from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            found = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
-        raise CotpruneError(f"--scores {path} is not a readable safetensors file ({e})") from None
-    diff = [k for k in meta if found.get(k) != meta[k]]
-    if diff:
-        raise CotpruneError(f"{path} holds selectivity scores from other inputs ({', '.join(diff)} differ: "
-                            f"{found.get(diff[0])!r} vs {meta[diff[0]]!r}); delete it or give another --scores")
-
-
-def load_scores(path, meta, shape):
-    from safetensors import safe_open
-    check_scores_meta(path, meta)
+    meta = read_scores_meta(path)
+    here = weights_fingerprint(model.state_dict().items())
+    if meta.get("model_id") != here:
+        raise CotpruneError(f"--scores {path} was measured on another model ({meta.get('model_id')} vs {here}): "
+                            f"run calibrate.py --source selectivity on this one")
     with safe_open(path, framework="pt") as f:
         scores = {k: f.get_tensor(k) for k in ("selectivity", "mu_target", "mu_distractor", "sigma")}
     if tuple(scores["selectivity"].shape) != shape:
@@ -553,31 +447,19 @@ def load_scores(path, meta, shape):
     return scores
 
 
-def read_prompt_sets(paths, n_prompts):
-    """[[prompt text]] per file: the first n_prompts (0 = all) records' `question` or `text`."""
-    sets = []
-    for path in paths:
-        records = read_jsonl(path, n_prompts)
-        sets.append(prompt_texts(records, path))
-        if n_prompts and len(records) < n_prompts:
-            log(f"note: {path} holds {len(records)} prompts, fewer than --n-prompts {n_prompts}")
-    return sets
-
-
-def neuron_scores(model, tokenizer, sets, seqlen, device, batch, cache, meta, dtype=torch.bfloat16):
-    """{selectivity, mu_target, mu_distractor, sigma} [L, d_ff] from the (target, distractor) prompt sets, or from
-    `cache` when it exists (written when not)."""
-    shape = (len(decoder_layers(model)), gated_mlps(model)[0][0].out_features)
-    if cache and os.path.exists(cache):
-        log(f"selectivity scores from {cache}")
-        return load_scores(cache, meta, shape)
-    t_stats, d_stats = (mean_abs_activations(model, tokenizer, texts, device, batch, seqlen, ActivationStats(), name,
-                                             dtype) for texts, name in zip(sets, ("target", "distractor")))
-    S, mu_t, mu_d, sigma = selectivity(t_stats, d_stats)
-    scores = {"selectivity": S, "mu_target": mu_t, "mu_distractor": mu_d, "sigma": sigma}
-    if cache:
-        write_safetensors(cache, scores, meta)
-    return scores
+def read_scores_meta(path):
+    """The metadata of a selectivity file (checked before the model is loaded: it must be one)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise CotpruneError(f"--scores {path} not found: make it with calibrate.py --source selectivity")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise CotpruneError(f"--scores {path} is not a readable safetensors file ({e})") from None
+    if meta.get("cotprune_scores") != "1":
+        raise CotpruneError(f"--scores {path} is not a selectivity file from calibrate.py --source selectivity")
+    return meta
 
 
 def neuron_report(S, kept, d_ff, multiple, sparsity):
@@ -593,24 +475,20 @@ def neuron_report(S, kept, d_ff, multiple, sparsity):
             "exact_ratio": 1 - kept.shape[1] / d_ff, "multiple": multiple, "layers": layers}
 
 
-def neuron_prune_(model, tokenizer, method, sparsity, multiple, seed, device, batch, seqlen, sets, meta, cache):
-    """Score (unless random), choose and slice away MLP neurons in place; returns (report, {file name: writer}).
-
-    sets: the (target, distractor) prompt texts, or None when `cache` holds the scores already."""
+def neuron_prune_(model, method, sparsity, multiple, seed, scores_path):
+    """Choose and slice away MLP neurons in place, by the selectivity in `scores_path` (random: a seeded draw);
+    returns (report, {file name: writer})."""
     mlps = gated_mlps(model)
     d_ff = mlps[0][0].out_features
     if any(g.out_features != d_ff for g, _, _ in mlps):
         raise CotpruneError("neuron pruning keeps one intermediate size for all blocks; this model's differ")
     keep = kept_count(d_ff, sparsity, multiple)
-    scores, files = None, {}
-    if method != "neuron-random":
-        scores = neuron_scores(model, tokenizer, sets, seqlen, device, batch, cache, meta,
-                               getattr(torch, meta["score_dtype"]))
+    scores = load_scores(scores_path, model, (len(mlps), d_ff)) if method != "neuron-random" else None
     S = scores["selectivity"] if scores else torch.zeros(len(mlps), d_ff)
     kept = choose_kept(S, keep, method, seed)
     slice_mlps_(model, kept)
     tensors = {**(scores or {}), "kept_indices": kept}
-    files["neuron_scores.safetensors"] = lambda path: write_safetensors(path, tensors, {"method": method})
+    files = {"neuron_scores.safetensors": lambda path: write_safetensors(path, tensors, {"method": method})}
     return neuron_report(scores["selectivity"] if scores else None, kept, d_ff, multiple, sparsity), files
 
 
@@ -640,8 +518,8 @@ def check_args(args):
         raise CotpruneError("--prune-embeddings works with --method magnitude only")
     if args.method in NEURON_METHODS and nm:
         raise CotpruneError(f"--method {args.method} removes whole neurons: give --sparsity, not --nm")
-    if args.multiple < 1 or args.n_prompts < 0:
-        raise CotpruneError("--multiple must be positive and --n-prompts non-negative")
+    if args.method in ("neuron-selective", "neuron-reverse") and not args.scores:
+        raise CotpruneError(f"--method {args.method} needs --scores FILE (from calibrate.py --source selectivity)")
     if nm and args.scope == "global":
         raise CotpruneError("--nm is a per-row pattern; it cannot take --scope global")
     if min(args.n_samples, args.seqlen, args.calib_batch, args.blocksize) < 1:
@@ -656,20 +534,14 @@ def main(argv=None):
     sparsity, nm = check_args(args)
     model_source(args.model)  # a missing model fails here, before any work
     check_output_folder(args.out, "prune", [args.model])
-    texts, prompt_sets = None, None
-    scores_id = None
+    texts = None
     device = resolve_device(args.device)
-    dtype, why = resolve_dtype(args.dtype, device)  # the compute dtype of calibrated and neuron methods
+    dtype, why = resolve_dtype(args.dtype, device)  # the compute dtype of the calibrated methods
     if args.method in ("neuron-selective", "neuron-reverse"):
-        scores_id = scores_meta(args.model, args.target, args.distractor, args.n_prompts, args.seqlen,
-                                str(dtype).replace("torch.", ""))
-        if not (args.scores and os.path.exists(args.scores)):
-            prompt_sets = read_prompt_sets((args.target, args.distractor), args.n_prompts)  # bad input fails here
+        read_scores_meta(args.scores)  # a missing or foreign file fails here, before any work
     if args.method in CALIBRATED:
         texts = read_jsonl(args.calib)
         require_fields(texts, ["text"], args.calib, strings=["text"])
-    if scores_id and args.scores and os.path.exists(args.scores):
-        check_scores_meta(args.scores, scores_id)
     save_dtype = None if args.save_dtype == "keep" else getattr(torch, args.save_dtype)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     windows = None
@@ -688,8 +560,7 @@ def main(argv=None):
     calib_rows, neurons, extra_files = [], None, {}
     with Timer() as t_prune:
         if args.method in NEURON_METHODS:
-            neurons, extra_files = neuron_prune_(model, tok, args.method, sparsity, args.multiple, args.seed, device,
-                                                 args.calib_batch, args.seqlen, prompt_sets, scores_id, args.scores)
+            neurons, extra_files = neuron_prune_(model, args.method, sparsity, args.multiple, args.seed, args.scores)
             mats = target_matrices(model, False)  # the sliced matrices
         elif texts is None:
             magnitude_prune_(mats, sparsity, args.scope, nm)

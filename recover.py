@@ -426,35 +426,10 @@ def main(argv=None):
             if (step + 1) % args.save_every == 0 or step + 1 == len(plan):
                 save_checkpoint(part, step + 1, adapters, optimizer, settings)
         bar.close()
-    report = finish(args, adapters, losses, runtime, device, tok, t_train.seconds, len(examples))
-    remove_checkpoint_folder(part)
-    log(f"loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f} over {len(losses)} steps, "
-        f"{report['tokens_per_s']:.0f} tok/s; wrote {args.out}")
-
-
-def finish(args, adapters, losses, runtime, device, tok, seconds, n_examples):
-    """Merge the adapters into a fresh copy of the base (its own dtype, on the CPU) and write the output folder."""
-    merged = load_model(args.model, "cpu", None, args.trust_remote_code)
-    names = list(adapters)
-    modules = dict(merged.named_modules())
-    before = sum(int((modules[n].weight == 0).sum()) for n in names)
-    numel = sum(modules[n].weight.numel() for n in names)
-    merge_lora_(merged, adapters)
-    after = sum(int((modules[n].weight == 0).sum()) for n in names)
-    total, nonzero, _ = param_counts(merged)
-    train_s, tokens = sum(r["seconds"] for r in losses), sum(r["tokens"] for r in losses)
-    report = {"stage": "recover", "source_model": args.model, **runtime,
-              "targets": sorted({n.rsplit(".", 1)[-1] for n in names}), "adapted_linears": len(names),
-              "masked_linears": sum(a.mask is not None for a in adapters.values()),
-              "masked_matrices": sorted(n for n, a in adapters.items() if a.mask is not None), "rank": args.rank,
-              "alpha": args.alpha, "trainable_params": sum(p.numel() for a in adapters.values() for p in a.parameters()
-                                                           if p.requires_grad),
-              "examples": n_examples, "steps": len(losses), "first_loss": losses[0]["loss"] if losses else None,
-              "final_loss": losses[-1]["loss"] if losses else None, "train_seconds": train_s, "wall_seconds": seconds,
-              "tokens": tokens, "tokens_per_s": tokens / train_s if train_s else 0.0,
-              "peak_memory_mb": peak_memory_mb(device), "keep_mask": args.keep_mask,
-              "adapted_sparsity_before": before / numel, "adapted_sparsity_after": after / numel,
-              "model_params": total, "model_sparsity": 1 - nonzero / total}
+    merged, *sparsity = merge_into_base(args.model, adapters, args.trust_remote_code)
+    report = {"stage": "recover", "source_model": args.model, **runtime, "rank": args.rank, "alpha": args.alpha,
+              "keep_mask": args.keep_mask, **recovery_report(adapters, losses, merged, sparsity, len(examples),
+                                                            t_train.seconds, peak_memory_mb(device))}
     meta = {"cotprune_stage": "recover-adapter", "rank": str(args.rank), "alpha": str(args.alpha),
             "targets": ",".join(report["targets"]), "source_model": args.model}
     base, base_id = lineage(args.model, merged)
@@ -463,7 +438,36 @@ def finish(args, adapters, losses, runtime, device, tok, seconds, n_examples):
     save_model_folder(merged, tok, args.out, stage="recover", source_model=args.model,
                       args={**vars(args), **runtime, "base_model": base}, extra_json={"recover_report.json": report},
                       extra_files=files, base_id=base_id)
-    return report
+    remove_checkpoint_folder(part)
+    log(f"loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f} over {len(losses)} steps, "
+        f"{report['tokens_per_s']:.0f} tok/s; wrote {args.out}")
+
+
+def merge_into_base(model_spec, adapters, trust_remote_code=False):
+    """A fresh copy of the base (its own dtype, on the CPU) with the adapters merged, and the share of zeros in the
+    adapted matrices before and after the merge."""
+    merged = load_model(model_spec, "cpu", None, trust_remote_code)
+    modules = dict(merged.named_modules())
+    zeros = lambda: sum(int((modules[n].weight == 0).sum()) for n in adapters)  # noqa: E731
+    numel = sum(modules[n].weight.numel() for n in adapters)
+    before = zeros()
+    merge_lora_(merged, adapters)
+    return merged, before / numel, zeros() / numel
+
+
+def recovery_report(adapters, losses, merged, sparsity, n_examples, wall_seconds, peak_mb):
+    """recover_report.json's measured fields: what was adapted and masked, the loss curve's ends, speed, sparsity."""
+    total, nonzero, _ = param_counts(merged)
+    train_s, tokens = sum(r["seconds"] for r in losses), sum(r["tokens"] for r in losses)
+    return {"targets": sorted({n.rsplit(".", 1)[-1] for n in adapters}), "adapted_linears": len(adapters),
+            "masked_linears": sum(a.mask is not None for a in adapters.values()),
+            "masked_matrices": sorted(n for n, a in adapters.items() if a.mask is not None),
+            "trainable_params": sum(p.numel() for a in adapters.values() for p in a.parameters() if p.requires_grad),
+            "examples": n_examples, "steps": len(losses), "first_loss": losses[0]["loss"] if losses else None,
+            "final_loss": losses[-1]["loss"] if losses else None, "train_seconds": train_s,
+            "wall_seconds": wall_seconds, "tokens": tokens, "tokens_per_s": tokens / train_s if train_s else 0.0,
+            "peak_memory_mb": peak_mb, "adapted_sparsity_before": sparsity[0], "adapted_sparsity_after": sparsity[1],
+            "model_params": total, "model_sparsity": 1 - nonzero / total}
 
 
 if __name__ == "__main__":

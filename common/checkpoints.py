@@ -80,14 +80,19 @@ def tensor_index(folder):
     return index
 
 
+EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
 def is_identity_tensor(name, shape):
-    """Tensors no cotprune stage ever changes: the 1-D normalisation weights (pruning, neuron slicing and LoRA
-    touch Linear weights and embeddings only)."""
-    return len(shape) == 1 and "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    """Tensors that say which model a checkpoint comes from: the 1-D normalisation weights and the input embeddings.
+    No stage changes the norms; only prune.py --prune-embeddings changes the embeddings, and a chain records its
+    root's fingerprint before any pruning, so the recorded id survives it. (The norms alone would not do: a freshly
+    initialised model's norms are all ones.)"""
+    return (len(shape) == 1 and "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1]) or name.endswith(EMBEDDINGS)
 
 
 def weights_fingerprint(named_tensors):
-    """A hash of the tensors pruning never touches, so that two checkpoints of one model agree and two models do not.
+    """A hash of the identity tensors (is_identity_tensor): two checkpoints of one model agree, two models do not.
 
     named_tensors: iterable of (name, tensor). Values are rounded to bfloat16 first, so a float32 and a bfloat16
     copy of one model agree. Returns 'sha256:<16 hex>', or None if there is no such tensor.

@@ -151,3 +151,17 @@ def capture_block_inputs(model, windows, device):
     finally:
         handle.remove()
     return torch.cat(inputs), kwargs
+
+
+def gated_mlps(model):
+    """[(gate_proj, up_proj, down_proj)] per decoder block: the SwiGLU MLPs of Llama, Qwen2, Mistral, Gemma."""
+    import torch
+    mlps = []
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(m, torch.nn.Linear) for m in parts):
+            raise CotpruneError(f"neuron pruning needs gated MLPs (mlp.gate_proj/up_proj/down_proj); block {i} of "
+                                f"{type(model).__name__} has none")
+        mlps.append(tuple(parts))
+    return mlps

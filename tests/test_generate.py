@@ -105,7 +105,7 @@ def test_stop_string_cuts_output(tmp_path, tiny_llama):
     run = lambda name, *flags: generate.main(["--model", tiny_llama, "--style", "cot", "--max-new-tokens", "20",
                                               *flags, src, "-o", str(tmp_path / name)]) or \
         json.loads((tmp_path / name).read_text().splitlines()[0])
-    free = run("free.jsonl", "--no-stop")
+    free = run("free.jsonl", "--no-stop-strings")
     stop = free["output"][4:7]  # a string the (random, seeded) model is known to produce
     assert stop.strip() and free["stop"] == "length"
     cut = run("cut.jsonl", "--stop", stop)

@@ -23,9 +23,9 @@ def computes(cmd):
     if re.search(r"\b(generate|recover)\.py\b", cmd):
         return True
     if "calibrate.py" in cmd:
-        return "--source traces" in cmd
+        return re.search(r"--source (traces|selectivity)", cmd) is not None
     if "prune.py" in cmd:
-        return not re.search(r"--method magnitude|--sparsity 0 -o", cmd)
+        return re.search(r"--method (wanda|sparsegpt)", cmd) is not None  # the others compute nothing in a dtype
     return False
 
 

@@ -8,7 +8,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import calibrate
 import prune
+from common.cli import CotpruneError
 from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +21,7 @@ def load(folder):
 
 
 def stats_of(rows):
-    s = prune.ActivationStats()
+    s = calibrate.ActivationStats()
     s.add(torch.tensor(rows, dtype=torch.float32)[:, None, :])  # [prompts, L=1, d_ff]
     return s
 
@@ -27,7 +29,7 @@ def stats_of(rows):
 def test_selectivity_matches_a_hand_computation():
     # neuron 0: target 1, 3 (mean 2); distractor 1, 1 (mean 1); pooled 1 3 1 1: mean 1.5, squares 3, var 3/3 = 1
     # neuron 1: target 0, 2 (mean 1); distractor 4, 2 (mean 3); pooled 0 2 4 2: mean 2, squares 8, var 8/3
-    S, mu_t, mu_d, sigma = prune.selectivity(stats_of([[1, 0], [3, 2]]), stats_of([[1, 4], [1, 2]]))
+    S, mu_t, mu_d, sigma = calibrate.selectivity(stats_of([[1, 0], [3, 2]]), stats_of([[1, 4], [1, 2]]))
     assert mu_t[0].tolist() == [2.0, 1.0] and mu_d[0].tolist() == [1.0, 3.0]
     assert sigma[0].tolist() == pytest.approx([1.0, math.sqrt(8 / 3)], rel=1e-6)
     assert S[0].tolist() == pytest.approx([1 / (1 + 1e-6), -2 / (math.sqrt(8 / 3) + 1e-6)], rel=1e-6)
@@ -35,13 +37,13 @@ def test_selectivity_matches_a_hand_computation():
 
 def test_streamed_statistics_equal_one_pass():
     a = torch.rand(10, 3, 5)
-    one, two = prune.ActivationStats(), prune.ActivationStats()
+    one, two = calibrate.ActivationStats(), calibrate.ActivationStats()
     one.add(a)
     two.add(a[:4])
     two.add(a[4:])
-    d, d_rows = prune.ActivationStats(), torch.rand(7, 3, 5)
+    d, d_rows = calibrate.ActivationStats(), torch.rand(7, 3, 5)
     d.add(d_rows)
-    (S1, mu_t, mu_d, sigma), S2 = prune.selectivity(one, d), prune.selectivity(two, d)[0]
+    (S1, mu_t, mu_d, sigma), S2 = calibrate.selectivity(one, d), calibrate.selectivity(two, d)[0]
     assert torch.allclose(S1, S2, atol=1e-6)
     assert torch.allclose(sigma, torch.cat([a, d_rows]).std(0), atol=1e-6)  # brute force: torch's pooled std
     assert torch.allclose(S1, (a.mean(0) - d_rows.mean(0)) / (torch.cat([a, d_rows]).std(0) + 1e-6), atol=1e-5)
@@ -50,12 +52,12 @@ def test_streamed_statistics_equal_one_pass():
 def test_masked_means_ignore_padding_and_equal_the_swiglu(tiny_llama):
     model, tok = load(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
     texts = ["Tom has 3 apples and buys 5 more.", "Hi", "How many legs do 4 spiders have in total, if each has 8?"]
-    batched = prune.mean_abs_activations(model, tok, texts, torch.device("cpu"), 3, 512, prune.ActivationStats(), "t")
-    mlp_in, singles = {}, prune.ActivationStats()
+    batched = calibrate.mean_abs_activations(model, tok, texts, torch.device("cpu"), 3, 512, calibrate.ActivationStats(), "t")
+    mlp_in, singles = {}, calibrate.ActivationStats()
     layer0 = model.model.layers[0].mlp
     layer0.register_forward_pre_hook(lambda m, a: mlp_in.__setitem__("x", a[0]))
     for text in texts:  # one prompt per pass: no padding at all
-        prune.mean_abs_activations(model, tok, [text], torch.device("cpu"), 1, 512, singles, "t")
+        calibrate.mean_abs_activations(model, tok, [text], torch.device("cpu"), 1, 512, singles, "t")
         x = mlp_in["x"][0]  # [T, d]: recompute eq. 1 by hand from the MLP's input
         with torch.no_grad():
             h = torch.nn.functional.silu(x @ layer0.gate_proj.weight.T) * (x @ layer0.up_proj.weight.T)
@@ -79,7 +81,7 @@ def test_kept_count_is_a_multiple_and_reproduces_the_papers_exact_ratios(d_ff):
 
 
 def test_kept_count_that_keeps_nothing_is_an_error():
-    with pytest.raises(prune.CotpruneError, match="keep no neuron"):
+    with pytest.raises(CotpruneError, match="keep no neuron"):
         prune.kept_count(128, 0.5, 128)
 
 
@@ -130,10 +132,9 @@ def write_prompts(tmp_path):
 
 @pytest.mark.parametrize("method", ["neuron-selective", "neuron-reverse", "neuron-random"])
 def test_cli_saves_a_smaller_model_that_equals_the_zeroed_original(tmp_path, tiny_model_dir, method):
-    target, distractor = write_prompts(tmp_path)
-    out, cache = str(tmp_path / "n"), str(tmp_path / "scores.safetensors")
+    out, cache = str(tmp_path / "n"), measure(tmp_path, tiny_model_dir)
     prune.main(["--model", tiny_model_dir, "--method", method, "--sparsity", "0.3", "--multiple", "32",
-                "--target", target, "--distractor", distractor, "--scores", cache, "-o", out])
+                "--scores", cache, "-o", out])
     report = json.load(open(os.path.join(out, "prune_report.json")))["neurons"]
     assert (report["kept"], report["removed"], report["exact_ratio"]) == (64, 64, 0.5)  # 0.7 * 128 = 89.6 -> 64
     with safe_open(os.path.join(out, "neuron_scores.safetensors"), "pt") as f:
@@ -154,22 +155,31 @@ def test_cli_saves_a_smaller_model_that_equals_the_zeroed_original(tmp_path, tin
     assert (got - zeroed_logits(dense, kept, ids)).abs().max() < 1e-5
 
 
-def test_scores_cache_is_reused_and_checked(tmp_path, tiny_llama):
+def measure(tmp_path, model):
+    """calibrate.py --source selectivity on 12 target and 12 distractor prompts; returns the scores file."""
     target, distractor = write_prompts(tmp_path)
-    cache = str(tmp_path / "scores.safetensors")
-    base = ["--model", tiny_llama, "--method", "neuron-selective", "--multiple", "32", "--target", target,
-            "--distractor", distractor, "--scores", cache]
-    prune.main(base + ["--sparsity", "0", "-o", str(tmp_path / "dense")])
-    r = run_script("prune.py", *base, "--sparsity", "0.25", "-o", str(tmp_path / "n25"))
-    assert r.returncode == 0 and "selectivity scores from" in r.stderr
-    r = run_script("prune.py", *base, "--n-prompts", "5", "--sparsity", "0.25", "-o", str(tmp_path / "bad"))
-    assert r.returncode == 2 and "n_prompts differ" in r.stderr and "Traceback" not in r.stderr
+    path = str(tmp_path / f"scores-{os.path.basename(model)}.safetensors")
+    calibrate.main(["--model", model, "--source", "selectivity", "--target", target, "--distractor", distractor,
+                    "--n-prompts", "12", "--batch-size", "5", "-o", path])
+    return path
+
+
+def test_scores_file_records_its_inputs_and_is_checked_against_the_model(tmp_path, tiny_llama, tiny_qwen):
+    scores = measure(tmp_path, tiny_llama)
+    with safe_open(scores, "pt") as f:
+        meta = f.metadata()
+    assert meta["n_target"] == meta["n_distractor"] == "12" and meta["model_id"].startswith("sha256:")
+    base = ["--method", "neuron-selective", "--multiple", "32", "--sparsity", "0.25", "--scores", scores]
+    r = run_script("prune.py", "--model", tiny_llama, *base, "-o", str(tmp_path / "n25"))
+    assert r.returncode == 0, r.stderr
+    r = run_script("prune.py", "--model", tiny_qwen, *base, "-o", str(tmp_path / "bad"))  # another model's scores
+    assert r.returncode == 2 and "measured on another model" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "bad")
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--nm", "2:4"], "not --nm"), (["--sparsity", "0.9"], "keep no neuron"),
-    (["--sparsity", "0.3", "--target", "nope.jsonl"], "input file not found: nope.jsonl")])
+    (["--nm", "2:4", "--scores", "x"], "not --nm"), (["--sparsity", "0.3"], "needs --scores"),
+    (["--sparsity", "0.3", "--scores", "nope.safetensors"], "--scores nope.safetensors not found")])
 def test_neuron_flag_errors_are_one_line(tmp_path, tiny_llama, flags, message):
     r = run_script("prune.py", "--model", tiny_llama, "--method", "neuron-selective", *flags, "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
