@@ -32,7 +32,8 @@ from common.chat import chat_prompt
 from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
 from common.engine import decode, eos_token_ids, fast_linears
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_jsonl
-from common.models import gated_mlps, load_model, load_tokenizer, model_source, resolved_model
+from common.layers import gated_mlps
+from common.models import load_model, load_tokenizer, model_source, resolved_model
 from common.runtime import DTYPES, describe_runtime, resolve_device, resolve_dtype, runtime_info, set_seed
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

@@ -40,8 +40,9 @@ from tqdm import tqdm
 from common.checkpoints import check_output_folder, lineage, save_model_folder, weights_fingerprint, write_safetensors
 from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli
 from common.files import read_jsonl, require_fields
-from common.models import (block_linears, capture_block_inputs, decoder_layers, gated_mlps, load_model, load_tokenizer,
-                           model_source)
+from common.layers import (block_linears, capture_block_inputs, decoder_layers, gated_mlps, gram_matrices,
+                           input_groups, run_block)
+from common.models import load_model, load_tokenizer, model_source
 from common.runtime import DTYPES, Timer, describe_runtime, param_counts, resolve_device, resolve_dtype, set_seed
 
 NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
@@ -285,58 +286,6 @@ def pack_windows(tokenizer, texts, n_samples, seqlen):
                             f"--seqlen {seqlen} needs {need}: add texts or ask for fewer windows")
     return torch.tensor(stream[:need]).view(n_samples, seqlen)
 
-
-def run_block(layer, inputs, kwargs, device, batch):
-    """The block's outputs [n, T, d] for inputs [n, T, d] (kept on the CPU), `batch` windows at a time."""
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(inputs), batch):
-            out = layer(inputs[i: i + batch].to(device), **kwargs)
-            outs.append((out[0] if isinstance(out, tuple) else out).cpu())
-    return torch.cat(outs)
-
-
-def input_groups(layer, sample, kwargs, device):
-    """Names of the block's Linears grouped by the tensor they read (q/k/v share one, gate/up another)."""
-    groups, held, hooks = {}, [], []
-
-    def note(name, x):
-        # Keyed by the tensor object, which `held` keeps alive: a freed input's address can be reused by the next
-        # (e.g. o_proj's input landing where the attention norm's output was), so data_ptr() alone merged groups.
-        if not any(x is h for h in held):
-            held.append(x)
-        groups.setdefault(next(k for k, h in enumerate(held) if x is h), []).append(name)
-
-    for name, mod in layer.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_hook(lambda m, args, out, name=name: note(name, args[0])))
-    try:
-        run_block(layer, sample, kwargs, device, 1)
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(groups.values())
-
-
-def gram_matrices(layer, groups, inputs, kwargs, device, batch):
-    """{group leader: (G = sum x x^T in float32 [in, in], token count)} over all windows."""
-    stats, hooks, modules = {}, [], dict(layer.named_modules())
-
-    def accumulate(mod, args, out, key):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-        if key not in stats:
-            stats[key] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0]
-        stats[key][0].addmm_(x.T, x)  # in place: G is up to in^2 floats (95 MB for a 4864-wide input)
-        stats[key][1] += x.shape[0]
-
-    for group in groups:
-        hooks.append(modules[group[0]].register_forward_hook(lambda m, a, o, key=group[0]: accumulate(m, a, o, key)))
-    try:
-        run_block(layer, inputs, kwargs, device, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
 
 
 def prune_matrix_(method, mod, G, n_tokens, sparsity, nm, blocksize, percdamp, shared):

@@ -35,7 +35,8 @@ from common.checkpoints import check_output_folder, lineage, save_model_folder, 
 from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
 from common.engine import eos_token_ids
 from common.files import read_json, read_jsonl, require_fields, write_jsonl
-from common.models import decoder_layers, load_model, load_tokenizer, model_source
+from common.layers import decoder_layers
+from common.models import load_model, load_tokenizer, model_source
 from common.runtime import (DTYPES, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
                             resolve_dtype, set_seed)
 

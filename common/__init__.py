@@ -3,7 +3,8 @@
     cli          one-line errors, argparse with parse-time number checks, run_cli
     files        JSONL in and out, atomic writes, strict JSON, resumable output (JsonlAppender)
     runtime      device, dtype (bfloat16 only where native), seed, memory, parameter counts
-    models       loading (hub id, folder, .gguf, embedded), decoder blocks, the layer-capture idiom
+    models       loading a model or tokenizer: hub id, folder (safetensors only), .gguf, embedded
+    layers       decoder blocks, the layer-capture idiom, running one block, Gram matrices
     checkpoints  self-describing safetensors, safe output folders, weight fingerprints
     chat         the one chat format of evaluation, calibration and recovery
     engine       the generation engine (decode, packed linears): the code that leans on library internals
@@ -18,5 +19,6 @@ from common.chat import *  # noqa: F401,F403
 from common.cli import *  # noqa: F401,F403
 from common.engine import *  # noqa: F401,F403
 from common.files import *  # noqa: F401,F403
+from common.layers import *  # noqa: F401,F403
 from common.models import *  # noqa: F401,F403
 from common.runtime import *  # noqa: F401,F403

@@ -1,9 +1,8 @@
-"""Loading models (hub id, folder, .gguf file or the embedded SmolLM2) and finding their decoder blocks.
+"""Loading models and tokenizers: a hub id, a local folder, a .gguf file, or the embedded SmolLM2 ('embedded').
 
-Safetensors only (never pickle); remote code only when asked for. The layer-capture idiom is written once here.
+Safetensors only (never pickle); remote code only when asked for.
 
     load_model / load_tokenizer / model_source / resolved_model / embedded_gguf
-    decoder_layers / block_linears / capture_block_inputs
 """
 import importlib.util
 import os
@@ -95,73 +94,3 @@ def load_model(spec, device, dtype=None, trust_remote_code=False):
     return model.to(device).eval()
 
 
-def decoder_layers(model):
-    """The ModuleList of decoder blocks (Llama, Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2 layouts)."""
-    for path in ("model.layers", "model.decoder.layers", "gpt_neox.layers", "transformer.h"):
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-        if obj is not None:
-            return obj
-    raise CotpruneError(f"cannot find the decoder blocks of {type(model).__name__}")
-
-
-def block_linears(model):
-    """[(qualified name, nn.Linear)] for every Linear inside the decoder blocks, in model order."""
-    import torch
-    layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    return [(f"{prefix}.{n}", m) for n, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def capture_block_inputs(model, windows, device):
-    """Hidden states entering decoder block 0 for each window, and the keyword arguments the model passes its blocks.
-
-    windows: LongTensor [n, T] of real tokens (no padding). Returns (inputs [n, T, d] on the CPU, kwargs on `device`).
-    Only the modules around the blocks (embeddings, rotary tables, norms) go to `device`; the blocks stay where they
-    are, so a driver can bring one block at a time. The kwargs come from a batch of one window: rotary tables and
-    the causal mask then broadcast over any batch of windows of the same length.
-    """
-    import torch
-    layers = decoder_layers(model)
-    parent = next(m for m in model.modules() if any(c is layers for c in m.children()))
-    for child in parent.children():
-        if child is not layers:
-            child.to(device)
-
-    class Caught(Exception):
-        pass
-
-    inputs, kwargs = [], {}
-
-    def grab(module, args, kw):
-        inputs.append((args[0] if args else kw["hidden_states"]).detach().cpu())
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise Caught
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                try:
-                    parent(input_ids=w[None].to(device), use_cache=False)
-                except Caught:
-                    pass
-    finally:
-        handle.remove()
-    return torch.cat(inputs), kwargs
-
-
-def gated_mlps(model):
-    """[(gate_proj, up_proj, down_proj)] per decoder block: the SwiGLU MLPs of Llama, Qwen2, Mistral, Gemma."""
-    import torch
-    mlps = []
-    for i, layer in enumerate(decoder_layers(model)):
-        mlp = getattr(layer, "mlp", None)
-        parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(m, torch.nn.Linear) for m in parts):
-            raise CotpruneError(f"neuron pruning needs gated MLPs (mlp.gate_proj/up_proj/down_proj); block {i} of "
-                                f"{type(model).__name__} has none")
-        mlps.append(tuple(parts))
-    return mlps

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from common.checkpoints import read_checkpoint_meta
-from common.models import block_linears
+from common.layers import block_linears
 from conftest import run_script
 
 

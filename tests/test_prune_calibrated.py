@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import prune
-from common.models import capture_block_inputs, decoder_layers, load_model, load_tokenizer
+from common.layers import capture_block_inputs, decoder_layers
+from common.models import load_model, load_tokenizer
 
 
 def correlated_problem(rows=64, cols=256, n=2048, seed=0):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import prune
 import recover
 from common.engine import eos_token_ids
-from common.models import block_linears
+from common.layers import block_linears
 from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
