@@ -22,7 +22,6 @@ or `text`; at most --max-prompt-tokens each), then S = (mu_target - mu_distracto
 over both sets. -o is a .safetensors file {selectivity, mu_target, mu_distractor, sigma} [layers, d_ff] whose
 metadata records the inputs and the model's weight fingerprint, which prune.py --scores checks.
 """
-import argparse
 import os
 
 import torch
@@ -34,7 +33,7 @@ from common.engine import decode, eos_token_ids, fast_linears
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_jsonl
 from common.layers import gated_mlps
 from common.models import load_model, load_tokenizer, model_source, resolved_model
-from common.runtime import DTYPES, describe_runtime, resolve_device, resolve_dtype, runtime_info, set_seed
+from common.runtime import add_runtime_flags, describe_runtime, resolve_device, resolve_dtype, runtime_info, set_seed
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_INPUT = {"traces": f"{DATA}/gsm8k/train.jsonl", "prompts": f"{DATA}/gsm8k/train.jsonl",
@@ -68,13 +67,7 @@ def build_parser():
     p.add_argument("--n-prompts", type=count, default=800, help="selectivity: prompts taken from each set; 0 = all")
     p.add_argument("--max-prompt-tokens", type=positive, default=512,
                    help="selectivity: tokens per prompt (longer ones are cut)")
-    p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype; auto = bfloat16 where the device runs it natively, else float32 (float16 on "
-                        "GPUs without bfloat16 and on MPS)")
-    p.add_argument("--seed", type=count, default=0, help="sampling seed")
-    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
-                   help="allow model code from the hub")
+    add_runtime_flags(p, 'compute dtype', 'sampling seed (traces)')
     return p
 
 

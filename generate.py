@@ -29,7 +29,7 @@ from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, 
 from common.engine import decode, eos_token_ids, fast_linears
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_json, write_jsonl
 from common.models import load_model, load_tokenizer, model_source, resolved_model
-from common.runtime import (DTYPES, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
+from common.runtime import (add_runtime_flags, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
                             resolve_dtype, runtime_info, set_seed)
 
 STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
@@ -66,13 +66,7 @@ def build_parser():
     p.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=False,
                    help="score the `trace` of each record after its `prompt` (teacher-forced, no generation)")
     p.add_argument("--summary", default=None, help="summary JSON path; default OUT.summary.json (none for stdout)")
-    p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype; auto = bfloat16 where the device runs it natively, else float32 (float16 on "
-                        "GPUs without bfloat16 and on MPS)")
-    p.add_argument("--seed", type=count, default=0, help="sampling seed")
-    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
-                   help="allow model code from the hub")
+    add_runtime_flags(p, 'compute dtype', 'sampling seed')
     return p
 
 

@@ -38,12 +38,12 @@ import torch
 from tqdm import tqdm
 
 from common.checkpoints import check_output_folder, lineage, save_model_folder, weights_fingerprint, write_safetensors
-from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli
+from common.cli import ArgumentParser, CotpruneError, log, non_negative, positive, run_cli
 from common.files import read_jsonl, require_fields
 from common.layers import (block_linears, capture_block_inputs, decoder_layers, gated_mlps, gram_matrices,
                            input_groups, run_block)
 from common.models import load_model, load_tokenizer, model_source
-from common.runtime import DTYPES, Timer, describe_runtime, param_counts, resolve_device, resolve_dtype, set_seed
+from common.runtime import add_runtime_flags, Timer, describe_runtime, param_counts, resolve_device, resolve_dtype, set_seed
 
 NEURON_METHODS = ("neuron-selective", "neuron-random", "neuron-reverse")
 METHODS = ("magnitude", "wanda", "sparsegpt") + NEURON_METHODS
@@ -72,16 +72,9 @@ def build_parser():
                    help="neuron methods: the kept neurons per layer are a multiple of this")
     p.add_argument("--scores", default=None,
                    help="neuron-selective, neuron-reverse: selectivity file from calibrate.py --source selectivity")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype of the calibrated methods' forward passes; auto = bfloat16 where the device "
-                        "runs it natively, else float32 (float16 on GPUs without bfloat16). Gram matrices and "
-                        "Hessians are summed in float32 whatever this is")
     p.add_argument("--save-dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="storage dtype of the output; keep = the source checkpoint's")
-    p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--seed", type=count, default=0, help="neuron-random's draw (other methods use no randomness)")
-    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
-                   help="allow model code from the hub (off: only transformers' own architectures)")
+    add_runtime_flags(p, "compute dtype of the calibrated methods' forward passes (Gram matrices and Hessians are float32 whatever it is)", "neuron-random's draw (other methods use no randomness)")
     return p
 
 

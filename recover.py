@@ -37,7 +37,7 @@ from common.engine import eos_token_ids
 from common.files import read_json, read_jsonl, require_fields, write_jsonl
 from common.layers import decoder_layers
 from common.models import load_model, load_tokenizer, model_source
-from common.runtime import (DTYPES, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
+from common.runtime import (add_runtime_flags, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
                             resolve_dtype, set_seed)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,13 +75,7 @@ def build_parser():
                         "zeros from quantisation: 0.03%% in SmolLM2's GGUF)")
     p.add_argument("--save-every", type=positive, default=25, help="checkpoint every N optimiser steps (for resume)")
     p.add_argument("--limit", type=count, default=0, help="first N training records; 0 = all")
-    p.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype of the frozen base; auto = bfloat16 where the device runs it natively, "
-                        "else float32 (never float16: training it would need loss scaling)")
-    p.add_argument("--seed", type=count, default=0, help="adapter initialisation, data order and dropout")
-    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
-                   help="allow model code from the hub")
+    add_runtime_flags(p, 'compute dtype of the frozen base', 'adapter initialisation, data order and dropout')
     return p
 
 

@@ -12,7 +12,7 @@ import shutil
 import struct
 
 from common.cli import CotpruneError, one_line
-from common.files import atomic_open, write_json
+from common.files import atomic_open, check_parent_writable, write_json
 
 
 FORMAT_VERSION = "1"  # bump when the checkpoint metadata or a JSONL contract changes incompatibly
@@ -160,14 +160,7 @@ def check_output_folder(out_dir, stage, inputs=()):
         if os.listdir(out_dir) and not _is_stage_folder(out_dir, stage):
             raise CotpruneError(f"-o {out_dir} is a folder that {stage} did not write: it is left alone; name a new "
                                 f"folder or remove it yourself")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    existing = parent
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise CotpruneError(f"-o {out_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise CotpruneError(f"-o {out_dir}: {existing} is not writable")
+    check_parent_writable(out_dir)
 
 
 def save_model_folder(model, tokenizer, out_dir, stage, source_model, args, extra_json=None, extra_files=None,

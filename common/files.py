@@ -54,6 +54,11 @@ def check_output_file(path):
         return
     if os.path.isdir(path):
         raise CotpruneError(f"-o {path} is a folder: name a file")
+    check_parent_writable(path)
+
+
+def check_parent_writable(path):
+    """Refuse a path whose nearest existing ancestor is a file or not writable (its folders would be made later)."""
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

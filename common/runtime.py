@@ -33,6 +33,19 @@ def resolve_device(name="auto"):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def add_runtime_flags(parser, dtype_help, seed_help):
+    """--device, --dtype, --seed and --trust-remote-code, spelled and defaulted the same in every stage."""
+    import argparse
+    from common.cli import count
+    parser.add_argument("--device", default="auto", help="auto = cuda, then mps, then cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help=f"{dtype_help}; auto = bfloat16 where the device runs it natively, else float32 "
+                             f"(float16 on GPUs without bfloat16 and on MPS; never for training)")
+    parser.add_argument("--seed", type=count, default=0, help=seed_help)
+    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                        help="allow model code from the hub (off: only transformers' own architectures)")
+
+
 BF16_ENV = "COTPRUNE_CPU_BF16"  # 1 / 0 overrides the CPU bfloat16 check (tests and CI force both paths with it)
 
 

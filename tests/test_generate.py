@@ -145,6 +145,18 @@ def packed_bf16_available():
         return False
 
 
+def dies_on_call(n, real):
+    """engine.decode that raises KeyboardInterrupt on its n-th call (an interrupted run)."""
+    calls = []
+
+    def decode(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return decode
+
+
 def test_fast_linears_same_tokens_and_restores(tiny_llama):
     """The packed path where this CPU has it, the fallback where it has not (or COTPRUNE_CPU_BF16=0 forces it):
     either way the same tokens, and the modules restored afterwards."""
@@ -179,15 +191,8 @@ def test_resumed_sampling_equals_uninterrupted(tmp_path, tiny_llama, monkeypatch
     argv = lambda out: ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2",
                         "--temperature", "1.0", "--seed", "3", src, "-o", str(tmp_path / out)]
     generate.main(argv("whole.jsonl"))
-    real, calls = engine.decode, []
-
-    def dies_on_second_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(generate, "decode", dies_on_second_batch)
+    real = engine.decode
+    monkeypatch.setattr(generate, "decode", dies_on_call(2, real))
     with pytest.raises(KeyboardInterrupt):
         generate.main(argv("resumed.jsonl"))
     monkeypatch.setattr(generate, "decode", real)
@@ -247,15 +252,8 @@ def test_resume_with_other_flags_is_refused(tmp_path, tiny_llama, monkeypatch):
     """A leftover OUT.part made with --max-new-tokens 6 is not merged into a run asking for 2 tokens."""
     src = problems_file(tmp_path, 4)
     out = tmp_path / "gen.jsonl"
-    real, calls = engine.decode, []
-
-    def dies_on_second_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(generate, "decode", dies_on_second_batch)
+    real = engine.decode
+    monkeypatch.setattr(generate, "decode", dies_on_call(2, real))
     with pytest.raises(KeyboardInterrupt):
         generate.main(["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2", src,
                        "-o", str(out)])
