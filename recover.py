@@ -366,6 +366,11 @@ def main(argv=None):
                    args.input, strings=["question", "answer"])
     if not records:
         raise CotpruneError(f"{args.input} holds no training records")
+    for i, r in enumerate(records, 1):  # a record without '#### N' fails here, before the model is loaded
+        try:
+            solution_target(r["answer"])
+        except ValueError as e:
+            raise CotpruneError(f"{args.input}: record {i} (id {r.get('id', '?')!r}): {e}") from None
     model_source(args.model)  # a missing model fails here, before any work
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device, training=True)

@@ -233,3 +233,12 @@ def test_numbers_are_validated_at_parse_time(tmp_path, flags):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and f"argument {flags[0]}" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_record_without_a_final_answer_fails_before_the_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "question": "q", "answer": "no final answer"}\n')
+    r = run_script("recover.py", str(bad), "--model", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "x"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "no '#### N' final answer" in lines[0]  # not "model not found"
+    assert not os.path.exists(tmp_path / "x")
