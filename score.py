@@ -3,19 +3,24 @@
     python score.py gen/cot-s0.1.jsonl -o scores/cot-s0.1.jsonl        # summary: scores/cot-s0.1.summary.json
     python generate.py --model embedded --limit 5 data/gsm8k/test.jsonl | python score.py - | jq .F
 
-Each record gains: pred, gold, correct, F and its five parts f_numeric, f_connectors, f_cues, f_steps,
-f_alignment, trap ('none', 'type1', 'type2'), loop_start, loop_period (characters; null without a loop).
+Each record gains: pred, gold (numbers, null when there is none or it is not finite), correct, F and its five
+parts f_numeric, f_connectors, f_cues, f_steps, f_alignment, trap ('none', 'type1', 'type2'), loop_start,
+loop_period (characters; null without a loop).
 F = 0.30 f_numeric + 0.20 f_connectors + 0.20 f_cues + 0.15 f_steps + 0.15 f_alignment (asand eq. 1);
-the README defines each part. Records need `output`; `answer` (GSM8K '#### N') or `gold` enables accuracy;
-`prompt` and `stop` (from generate.py) refine answer finding and trap detection.
+docs/scoring.md defines each part, how LaTeX and markdown are read, and the answer forms accepted. Records need
+`id` and a string `output`; `answer` (GSM8K '#### N') or `gold` enables accuracy; `prompt` and `stop` (from
+generate.py) refine answer finding and trap detection. Every step is linear in the length of the output.
 """
-import argparse
+import functools
+import math
 import os
 import re
 
 import numpy as np
 
-from common import CotpruneError, log, read_jsonl, require_fields, run_cli, write_json, write_jsonl
+from common.cli import ArgumentParser, CotpruneError, count, log, run_cli
+from common.files import check_output_file, read_jsonl, require_fields, write_json, write_jsonl
+from common.mathtext import BOXED_MAX, brace_pairs, claims, normalise_math, read_number, to_number
 
 WEIGHTS = {"f_numeric": 0.30, "f_connectors": 0.20, "f_cues": 0.20, "f_steps": 0.15, "f_alignment": 0.15}
 CONNECTOR_TARGET = 3  # asand §3: "logic word threshold is 3"
@@ -27,105 +32,102 @@ CONNECTORS = ["therefore", "thus", "hence", "so", "because", "since", "then", "n
 CUES = ["step", "let's", "let us", "we need", "we know", "we have", "we can", "to find", "calculate", "compute",
         "in total", "altogether", "the answer is", "final answer", "answer:"]
 CONNECTOR_RE = re.compile(r"\b(?:" + "|".join(re.escape(c) for c in CONNECTORS) + r")\b", re.I)
-CUE_RES = {c: re.compile(r"(?<!\w)" + re.escape(c) + r"(?!\w)", re.I) for c in CUES}
+# Searched in the lower-cased text, literal first: a leading look-behind would make re try every position (20x slower).
+CUE_RES = {c: re.compile(re.escape(c) + r"(?<!\w" + re.escape(c) + r")(?!\w)") for c in CUES}
 
-NUM = r"\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # 1,450,000 | 42 | 3.5, with an optional $
+# Regexes below are linear: no two quantifiers can trade characters (possessive `*+` where they could), and
+# none is searched at every start of a long run (the old claim regex was, and took 58 s on '1+' * 10000).
+NUM = r"\\?\$?(?:\d{1,3}(?:,\d{3})++|\d++)(?:\.\d++)?"  # 1,450,000 | 42 | 3.5, with an optional $ or \$
 NUM_RE = re.compile(r"-?" + NUM)
-OP = r"[-+*/×x÷]"
-EQUATION_RE = re.compile(rf"(?<![\w.])({NUM}(?:\s*{OP}\s*{NUM})+)\s*=\s*(-?{NUM})")
-STEP_MARKER_RE = re.compile(r"^(?:step\s*\d+|\d+[.)]|first|second|third|next|then|finally)\b", re.I)
-SEGMENT_SPLIT_RE = re.compile(r"\n+|(?<=[.!?])\s+")
-ANSWER_RES = [re.compile(r"####\s*(-?" + NUM + ")"),
-              re.compile(r"\\boxed\{\s*(-?" + NUM + r")\s*\}"),
-              re.compile(r"answer is:?\s*(-?" + NUM + ")", re.I)]
+ANSWER_RES = [re.compile(r"####[ \t]*+(-?" + NUM + ")"),
+              re.compile(r"answer is:?[ \t]*+(?:\*\*)?(-?" + NUM + ")", re.I)]
+BOXED_RE = re.compile(r"\\(?:boxed|fbox)[ \t]*+\{")
+
+
+# Steps: a line may open with markdown (bullet, heading, bold) and a step marker.
+LINE_PREFIX_RE = re.compile(r"(?:[-*+>][ \t]++|#{1,6}+[ \t]*+|\*\*|__)*+")
+LIST_HEAD_RE = re.compile(LINE_PREFIX_RE.pattern + r"(?:\d++[.)]|step[ \t]*+\d++[.:)]?)(?=\s)", re.I)
+STEP_MARKER_RE = re.compile(r"(?:step[ \t]*+\d++|\d++[.)](?=[\s*]|$)|(?:first|second|third|next|then|finally)\b)",
+                            re.I)
+SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
+ARITH_RE = re.compile(r"[\d)][ \t]*+(?:[-+*/^=]|x(?![^\W\d_]))[ \t]*+[(\-]*+\d")
 LOOP_MAX_PERIOD, LOOP_MIN_REPEATS, LOOP_MIN_CHARS = 200, 3, 40
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("input", nargs="?", default="-", help="generations JSONL; - = stdin")
     p.add_argument("-o", "--out", default="-", help="scored JSONL; - = stdout")
     p.add_argument("--summary", default=None, help="summary JSON; default OUT.summary.json (none for stdout)")
-    p.add_argument("--limit", type=int, default=0, help="first N records; 0 = all")
+    p.add_argument("--limit", type=count, default=0, help="first N records; 0 = all")
     return p
 
 
 # ------------------------------------------------------------------------------------------------- numbers
 
-def to_number(s):
-    """'$1,450.50' -> 1450.5; None if it is not a number."""
-    try:
-        return float(s.replace("$", "").replace(",", "").rstrip("."))
-    except ValueError:
-        return None
 
-
-def evaluate(expr):
-    """Value of a flat + - * / expression of unsigned numbers with the usual precedence."""
-    tokens = re.findall(rf"{NUM}|{OP}", expr)
-    terms, op = [to_number(tokens[0])], None
-    for tok in tokens[1:]:
-        if re.fullmatch(OP, tok):
-            op = {"×": "*", "x": "*", "÷": "/"}.get(tok, tok)
-            continue
-        v = to_number(tok)
-        if op in "*/":
-            terms[-1] = terms[-1] * v if op == "*" else (terms[-1] / v if v else float("nan"))
-        else:
-            terms.append(v if op == "+" else -v)
-    return sum(terms)
-
-
-def equations(text):
-    """[(lhs value, stated result, result text)] of the distinct arithmetic claims 'a op b ... = c'."""
-    seen, out = set(), []
-    for m in EQUATION_RE.finditer(text):
-        key = re.sub(r"\s+", "", m.group(0))
-        if key not in seen:
-            seen.add(key)
-            out.append((evaluate(m.group(1)), to_number(m.group(2)), m.group(2)))
-    return out
-
-
-def claim_holds(lhs, rhs, rhs_text):
-    """Exact for an integer result; to the written precision for a decimal one ('10/3 = 3.33' holds)."""
-    decimals = len(rhs_text.split(".")[1]) if "." in rhs_text else 0
-    tol = 0.5 * 10 ** -decimals if decimals else 1e-6 * max(1.0, abs(rhs))
-    return abs(lhs - rhs) <= tol
+# ------------------------------------------------------------------------------------------ arithmetic claims
 
 
 # ------------------------------------------------------------------------------------------------- answers
 
+
+def boxed_answers(text):
+    """(value, start offset) of each \\boxed{...} whose content reads as a number, last first; braces matched."""
+    if "boxed" not in text and "fbox" not in text:
+        return
+    pairs = brace_pairs(text)
+    for m in reversed(list(BOXED_RE.finditer(text))):
+        end = pairs.get(m.end() - 1)
+        if end is not None and end - m.end() <= BOXED_MAX:
+            v = read_number(text[m.end():end])
+            if v is not None:
+                yield v, m.start()
+
+
+def last_hit(rx, text):
+    """(value, start offset) of the last match of `rx` whose group 1 is a finite number, or None."""
+    hits = [(to_number(m.group(1)), m.start()) for m in rx.finditer(text)]
+    return next((h for h in reversed(hits) if h[0] is not None), None)
+
+
 def stated_answer(text, prompt=""):
     """(value, start offset) of an explicitly stated final answer, or None.
 
-    Markers in order: '#### N', '\\boxed{N}', 'the answer is N' (last occurrence of the first marker found);
-    after a prompt that ends in 'Answer:' (the direct protocol) the output's first number is the answer.
+    Markers in order: '#### N', '\\boxed{N}' (docs/scoring.md lists the forms read), 'the answer is N' (last
+    occurrence of the first marker found); after a prompt that ends in 'Answer:' (the direct protocol) the
+    output's first number is the answer.
     """
-    for rx in ANSWER_RES:
-        hits = list(rx.finditer(text))
-        if hits:
-            return to_number(hits[-1].group(1)), hits[-1].start()
-    if prompt.rstrip().endswith("Answer:"):
-        m = NUM_RE.search(text)
-        if m:
-            return to_number(m.group(0)), m.start()
-    return None
+    found = last_hit(ANSWER_RES[0], text) or next(boxed_answers(text), None) or last_hit(ANSWER_RES[1], text)
+    if found or not prompt.rstrip().endswith("Answer:"):
+        return found
+    m = NUM_RE.search(text)
+    return (to_number(m.group(0)), m.start()) if m and to_number(m.group(0)) is not None else None
+
+
+@functools.lru_cache(maxsize=4)  # extract_answer() and f_alignment() both ask
+def last_number(text):
+    """(value, start offset) of the text's last number (value None if it is not finite), or None."""
+    m = None
+    for m in NUM_RE.finditer(text):
+        pass
+    return (to_number(m.group(0)), m.start()) if m else None
 
 
 def extract_answer(text, prompt=""):
     """The final answer as a number: a stated one, else the last number in the text; None if no number."""
-    stated = stated_answer(text, prompt)
-    if stated:
-        return stated[0]
-    nums = NUM_RE.findall(text)
-    return to_number(nums[-1]) if nums else None
+    found = stated_answer(text, prompt) or last_number(text)
+    return found[0] if found else None
 
 
 def gold_answer(rec):
-    if "gold" in rec:
-        return to_number(str(rec["gold"]))
-    m = re.search(r"####\s*(-?[0-9.,]+)", rec.get("answer", ""))  # the GSM8K reference extractor
+    """The reference answer: `gold` (a number, or a string read like a boxed answer), else GSM8K's '#### N'."""
+    gold = rec.get("gold")
+    if isinstance(gold, (int, float)) and not isinstance(gold, bool):
+        return float(gold) if math.isfinite(gold) else None
+    if isinstance(gold, str):
+        return read_number(gold)
+    m = re.search(r"####[ \t]*+(-?[0-9.,]++)", rec.get("answer", ""))  # the GSM8K reference extractor
     return to_number(m.group(1)) if m else None
 
 
@@ -137,8 +139,8 @@ def is_correct(pred, gold):
 
 def f_numeric(text):
     """Share of the distinct arithmetic claims that are true; 0 when the text makes none."""
-    eqs = equations(text)
-    return sum(claim_holds(*e) for e in eqs) / len(eqs) if eqs else 0.0
+    cl = claims(text)
+    return sum(holds for _, holds, _ in cl) / len(cl) if cl else 0.0
 
 
 def f_connectors(text):
@@ -148,16 +150,37 @@ def f_connectors(text):
 
 def f_cues(text):
     """Distinct reasoning cue phrases present, over CUE_TARGET, capped at 1."""
-    return min(1.0, sum(bool(rx.search(text)) for rx in CUE_RES.values()) / CUE_TARGET)
+    low = text.lower()
+    return min(1.0, sum(bool(rx.search(low)) for rx in CUE_RES.values()) / CUE_TARGET)
+
+
+def step_of(segment):
+    """The step a sentence or line states, or None. A step holds arithmetic between numbers (an operator or '='),
+    or opens with a step marker (Step k, k. or k), first, second, third, next, then, finally), holds a number
+    (the marker's counts) and says something in words after the marker. It is named by its text without markdown
+    and marker, lower case, spaces collapsed: 'Step 2: Add.' and '2. Add.' are one step, as a plan and the
+    heading that carries it out are."""
+    segment = segment[LINE_PREFIX_RE.match(segment).end():].strip()
+    marker = STEP_MARKER_RE.match(segment)
+    content = " ".join((segment[marker.end():] if marker else segment).strip(" \t:.)*_-").lower().split())
+    if ARITH_RE.search(segment) or (marker and re.search(r"\d", segment) and re.search(r"[^\W\d_]", content)):
+        return content
+    return None
 
 
 def reasoning_steps(text):
-    """Distinct sentences or lines that do quantitative work: a number plus an operation, '=' or a step marker."""
+    """Distinct steps (step_of) over the sentences and lines of the text, LaTeX read as arithmetic. A line's
+    list number or 'Step k.' stays with its first sentence."""
     steps = set()
-    for seg in SEGMENT_SPLIT_RE.split(text):
-        seg = seg.strip()
-        if re.search(r"\d", seg) and (re.search(rf"\d\s*(?:{OP}|=)\s*\$?\d", seg) or STEP_MARKER_RE.match(seg)):
-            steps.add(re.sub(r"\s+", " ", seg.lower()))
+    for line in normalise_math(text).split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        head = LIST_HEAD_RE.match(line)
+        head = head.end() if head else 0
+        segs = SENTENCE_SPLIT_RE.split(line[head:])
+        segs[0] = line[:head] + segs[0]
+        steps.update(filter(None, map(step_of, segs)))
     return len(steps)
 
 
@@ -169,17 +192,13 @@ def f_alignment(text, prompt=""):
     """0.5 if a final answer is stated explicitly, plus 0.5 if the final answer (stated, else the last number)
     is backed by the reasoning: it is the result of an arithmetic claim, or appears in the text before it."""
     stated = stated_answer(text, prompt)
-    if stated:
-        answer, at = stated
-    else:
-        hits = list(NUM_RE.finditer(text))
-        if not hits:
-            return 0.0
-        answer, at = to_number(hits[-1].group(0)), hits[-1].start()
-    results = {round(rhs, 6) for _, rhs, _ in equations(text)}
-    earlier = {round(v, 6) for v in map(to_number, NUM_RE.findall(text[:at])) if v is not None}
-    backed = answer is not None and round(answer, 6) in results | earlier
-    return 0.5 * bool(stated) + 0.5 * backed
+    found = stated or last_number(text)
+    if not found or found[0] is None:
+        return 0.5 * bool(stated)
+    answer, at = found
+    results = {round(r, 6) for _, _, r in claims(text) if math.isfinite(r)}
+    earlier = {round(v, 6) for v in map(to_number, set(NUM_RE.findall(normalise_math(text[:at])))) if v is not None}
+    return 0.5 * bool(stated) + 0.5 * (round(answer, 6) in results | earlier)
 
 
 def faithfulness(text, prompt=""):
@@ -189,6 +208,20 @@ def faithfulness(text, prompt=""):
 
 
 # --------------------------------------------------------------------------------------------------- traps
+
+def periodic_tail(a, p, chunk=4096):
+    """Length of the longest suffix of `a` with a[i] == a[i + p] throughout, plus p (so: the loop's length).
+
+    Compares windows from the end, doubling, so a text whose loop is short costs O(chunk), a long loop O(n)."""
+    end = hi = len(a) - p  # comparisons a[i] vs a[i + p] for i < end
+    while hi > 0:
+        lo = max(0, hi - chunk)
+        bad = np.flatnonzero(a[lo:hi] != a[lo + p:hi + p])
+        if len(bad):
+            return end - (lo + int(bad[-1]) + 1) + p
+        hi, chunk = lo, 2 * chunk
+    return end + p
+
 
 def find_loop(text, max_period=LOOP_MAX_PERIOD, min_repeats=LOOP_MIN_REPEATS, min_chars=LOOP_MIN_CHARS):
     """(start, period) of a degeneration loop at the end of the text, or None.
@@ -200,8 +233,7 @@ def find_loop(text, max_period=LOOP_MAX_PERIOD, min_repeats=LOOP_MIN_REPEATS, mi
     s = text.rstrip()
     a = np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)
     for p in range(1, min(max_period, len(a) // min_repeats) + 1):
-        bad = np.flatnonzero(a[p:] != a[:-p])
-        span = (len(a) - p - (bad[-1] + 1 if len(bad) else 0)) + p  # periodic suffix length
+        span = periodic_tail(a, p)
         if span >= max(min_repeats * p, min_chars):
             return int(len(a) - span), p
     return None
@@ -225,6 +257,21 @@ def trap_type(text, stop=None, prompt=""):
 
 # ---------------------------------------------------------------------------------------------------- main
 
+def check_records(records, name):
+    """Refuse, naming file and record, what scoring cannot read: no records, a non-string output / answer /
+    prompt, a gold that is neither a number nor a string, an id that is neither a string nor an integer."""
+    if not records:
+        raise CotpruneError(f"{name}: no records")
+    require_fields(records, ["id", "output"], name, strings=("output", "answer", "prompt"))
+    for i, rec in enumerate(records, 1):
+        gold = rec.get("gold")
+        if gold is not None and (isinstance(gold, bool) or not isinstance(gold, (str, int, float))):
+            raise CotpruneError(f"{name}: record {i} (id {rec['id']!r}): field gold is {type(gold).__name__}, "
+                                f"not a number or a string")
+    if len({repr((r.get("model"), r.get("style"))) for r in records}) > 1:
+        raise CotpruneError(f"{name}: records come from several models or styles; score them separately")
+
+
 def score_record(rec):
     text, prompt = rec["output"], rec.get("prompt", "")
     F, parts = faithfulness(text, prompt)
@@ -236,34 +283,40 @@ def score_record(rec):
 
 
 def summarize(scored):
+    """Means and rates over the scored records; None (never a made-up 0) where there is nothing to average."""
     n = len(scored)
-    mean = lambda key: float(np.mean([r[key] for r in scored])) if n else 0.0
+    mean = lambda key: float(np.mean([r[key] for r in scored])) if n else None
+    rate = lambda hit: sum(map(hit, scored)) / n if n else None
     graded = [r for r in scored if r["correct"] is not None]
     first = scored[0] if scored else {}
     out = {"stage": "score", "model": first.get("model"), "style": first.get("style"), "n": n,
            "accuracy": sum(r["correct"] for r in graded) / len(graded) if graded else None,
            "F": mean("F"), **{k: mean(k) for k in WEIGHTS},
-           "trap_rate": sum(r["trap"] != "none" for r in scored) / max(n, 1),
-           "type1_rate": sum(r["trap"] == "type1" for r in scored) / max(n, 1),
-           "type2_rate": sum(r["trap"] == "type2" for r in scored) / max(n, 1)}
+           "trap_rate": rate(lambda r: r["trap"] != "none"),
+           "type1_rate": rate(lambda r: r["trap"] == "type1"),
+           "type2_rate": rate(lambda r: r["trap"] == "type2")}
     if scored and "new_tokens" in first:
         out["mean_new_tokens"] = mean("new_tokens")
-        out["cutoff_rate"] = sum(r.get("stop") == "length" for r in scored) / n
+        out["cutoff_rate"] = rate(lambda r: r.get("stop") == "length")
     return out
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    name = "<stdin>" if args.input == "-" else args.input
+    check_output_file(args.out)
     records = read_jsonl(args.input, args.limit)
-    require_fields(records, ["id", "output"], args.input)
-    if len({(r.get("model"), r.get("style")) for r in records}) > 1:
-        raise CotpruneError(f"{args.input}: records come from several models or styles; score them separately")
+    check_records(records, name)
     scored = [score_record(r) for r in records]
     summary = summarize(scored)
     write_jsonl(args.out, scored)
     summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
     if summary_path:
         write_json(summary_path, summary)
+    unread = sum(s["gold"] is None and (r.get("gold") is not None or "####" in r.get("answer", ""))
+                 for r, s in zip(records, scored))
+    if unread:
+        log(f"records whose gold answer is not a number (not graded): {unread}")
     acc = "n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"
     log(f"{summary['n']} records: F {summary['F']:.3f}, accuracy {acc}, traps {summary['trap_rate']:.3f}")
 

@@ -7,6 +7,7 @@
     layers       decoder blocks, the layer-capture idiom, running one block, Gram matrices
     checkpoints  self-describing safetensors, safe output folders, weight fingerprints
     chat         the one chat format of evaluation, calibration and recovery
+    mathtext     reading arithmetic in model-written math: LaTeX, '=' claims, stated numbers (linear time)
     engine       the generation engine (decode, packed linears): the code that leans on library internals
     stats        intervals and paired tests for the reports (numpy only)
     sandbox      running model-written code with limits, for HumanEval
