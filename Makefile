@@ -19,6 +19,7 @@ DEVICE ?= auto
 RAC_SPARSITIES ?= 0.5
 RAC_NM ?= 2:4
 RAC_N ?= 16
+RAC_SEEDS ?= 0 1
 RAC_TOKENS ?= 512
 CALIB_SAMPLES ?= 16
 SEQLEN ?= 512
@@ -55,6 +56,9 @@ RAC := $(OUT)/rac
 RAC_LEVELS := $(RAC_SPARSITIES) $(subst :,of,$(RAC_NM))
 RAC_METHODS := magnitude-none wanda-text sparsegpt-text sparsegpt-prompts sparsegpt-traces wanda-traces
 RAC_NAMES := $(foreach m,$(RAC_METHODS),$(foreach l,$(RAC_LEVELS),$(m)-$(l)))
+# more calibration draws of SparseGPT on own traces at the first level: the method's own run-to-run spread
+RAC_DRAWS := $(foreach d,$(filter-out 0,$(RAC_SEEDS)),sparsegpt-traces-$(firstword $(RAC_LEVELS))-draw$(d))
+RAC_NAMES += $(RAC_DRAWS)
 RAC_EVAL := $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/scores/$(n).summary.json $(RAC)/ppl/$(n).summary.json)
 
 NEU := $(OUT)/neurons
@@ -75,10 +79,10 @@ all: $(OUT)/report.md
 magnitude: $(MAG)/magnitude/report.md
 
 ## rac: the reasoning-aware compression study alone (SparseGPT/Wanda on text, prompts, own traces)
-rac: $(RAC)/n$(RAC_N)/report.md
+rac: $(RAC)/n$(RAC_N)/report/report.md
 
 ## neurons: the task-specific neuron study alone (selective/random/reverse MLP neuron removal, LoRA, traps)
-neurons: $(NEU)/n$(NEURON_N)/report.md
+neurons: $(NEU)/n$(NEURON_N)/report/report.md
 
 ## venv: create .venv with the pinned run-time and test dependencies
 venv: $(VENV)/.installed
@@ -108,7 +112,7 @@ $(foreach st,$(STYLES),$(eval $(call STYLE_RULES,$(st))))
 
 $(MAG)/magnitude/report.md: $(SCORES) correlate.py $(COMMON)
 	$(PY) correlate.py --base $(MODELS)/s0 --models $(addprefix $(MODELS)/s,$(ALL_SP)) -o $(@D) \
-	  --summaries $(SCORES:.jsonl=.summary.json) $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
+	  --scores $(SCORES) --summaries $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
 
 # ---- reasoning-aware compression: calibration sets, pruned models, chat evaluation, trace perplexity
 $(RAC)/calib/traces.jsonl: $(MODELS)/s0/config.json calibrate.py $(COMMON)
@@ -131,6 +135,12 @@ $(RAC)/models/$(1)-$(2)-$(3)/config.json: $(MODELS)/s0/config.json $(if $(filter
 	  -o $$(@D)
 endef
 $(foreach m,$(RAC_METHODS),$(foreach l,$(RAC_LEVELS),$(eval $(call RAC_MODEL,$(word 1,$(subst -, ,$(m))),$(word 2,$(subst -, ,$(m))),$(l)))))
+define RAC_DRAW
+$(RAC)/models/sparsegpt-traces-$(1)-draw$(2)/config.json: $(MODELS)/s0/config.json $(RAC)/calib/traces.jsonl prune.py $(COMMON)
+	$(PY) prune.py --model $(MODELS)/s0 --method sparsegpt $(call level_flag,$(1)) $(call calib_flag,traces) \
+	  --calib-seed $(2) $(RT_FLAGS) -o $$(@D)
+endef
+$(foreach d,$(filter-out 0,$(RAC_SEEDS)),$(eval $(call RAC_DRAW,$(firstword $(RAC_LEVELS)),$(d))))
 
 $(RAC)/models/dense/config.json: $(MODELS)/s0/config.json
 	mkdir -p $(RAC)/models && ln -sfn $(abspath $(MODELS)/s0) $(RAC)/models/dense
@@ -144,9 +154,11 @@ $(RAC)/ppl/%.summary.json: $(RAC)/models/%/config.json $(RAC)/calib/heldout.json
 	$(PY) generate.py --model $(RAC)/models/$* --perplexity $(RAC)/calib/heldout.jsonl $(RT_FLAGS) \
 	  -o $(@:.summary.json=.jsonl)
 
-$(RAC)/n$(RAC_N)/report.md: $(RAC_EVAL) correlate.py $(COMMON)
+$(RAC)/n$(RAC_N)/report/report.md: $(RAC_EVAL) correlate.py $(COMMON)
 	$(PY) correlate.py --study rac --base $(RAC)/models/dense --models $(addprefix $(RAC)/models/,$(RAC_NAMES)) \
-	  --summaries $(RAC_EVAL) $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/gen/$(n).summary.json) -o $(@D)
+	  --scores $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/scores/$(n).jsonl) \
+	  --perplexity $(foreach n,dense $(RAC_NAMES),$(RAC)/ppl/$(n).jsonl) \
+	  --summaries $(foreach n,dense $(RAC_NAMES),$(RAC)/n$(RAC_N)/gen/$(n).summary.json) -o $(@D)
 
 # ---- task-specific neurons: selectivity once (calibrate.py), pruned models, LoRA recovery, chat evaluation
 $(NEU)/selectivity.safetensors: $(MODELS)/s0/config.json calibrate.py $(COMMON)
@@ -173,15 +185,16 @@ $(NEU)/n$(NEURON_N)/gen/%.jsonl: $(NEU)/models/%/config.json data/gsm8k/test.jso
 $(NEU)/n$(NEURON_N)/scores/%.summary.json: $(NEU)/n$(NEURON_N)/gen/%.jsonl score.py $(COMMON)
 	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
 
-$(NEU)/n$(NEURON_N)/report.md: $(NEU_EVAL) correlate.py $(COMMON)
+$(NEU)/n$(NEURON_N)/report/report.md: $(NEU_EVAL) correlate.py $(COMMON)
 	$(PY) correlate.py --study neurons --base $(NEU)/models/dense --models $(addprefix $(NEU)/models/,$(NEU_NAMES)) \
-	  --summaries $(NEU_EVAL) $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/gen/$(n).summary.json) -o $(@D)
+	  --scores $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/scores/$(n).jsonl) \
+	  --summaries $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/gen/$(n).summary.json) -o $(@D)
 
-$(OUT)/report.md: $(MAG)/magnitude/report.md $(RAC)/n$(RAC_N)/report.md $(NEU)/n$(NEURON_N)/report.md
+$(OUT)/report.md: $(MAG)/magnitude/report.md $(RAC)/n$(RAC_N)/report/report.md $(NEU)/n$(NEURON_N)/report/report.md
 	{ echo "# cotprune report: $(SLUG)"; echo; \
 	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, batch $(BATCH), dtype $(DTYPE); made $$(date -u +%F) on" \
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
-	  cat $^; } > $@.tmp && mv $@.tmp $@
+	  for f in $^; do cat $$f; echo; done; } > $@.tmp && mv $@.tmp $@
 
 ## smoke: the whole chain on a tiny random model (a few minutes)
 smoke: $(VENV)/.installed

@@ -230,6 +230,9 @@ def main(argv=None):
         raise CotpruneError("--top-p 0 keeps no token; use a value in (0, 1]")
     check_output_file(args.out)
     if args.source == "selectivity":
+        if args.out == "-" or not args.out.endswith(".safetensors"):
+            raise CotpruneError(f"--source selectivity writes tensors: -o must name a .safetensors file, got "
+                                f"{args.out!r}")
         model_source(args.model)
         device = resolve_device(args.device)
         dtype, why = resolve_dtype(args.dtype, device)
@@ -262,8 +265,9 @@ def main(argv=None):
     if out.done:
         log(f"resuming: {len(out.done)} traces already in {args.out}.part")
     model = load_model(args.model, device, dtype, args.trust_remote_code)
-    collect_traces(model, tok, records, out, args.tokens, args.batch_size, args.max_new_tokens,
-                   (args.temperature, args.top_k, args.top_p), args.seed, torch.Generator(device))
+    with out:  # its part file is closed even on Ctrl-C, so a rerun in this process can take its lock
+        collect_traces(model, tok, records, out, args.tokens, args.batch_size, args.max_new_tokens,
+                       (args.temperature, args.top_k, args.top_p), args.seed, torch.Generator(device))
     order = {r["id"]: k for k, r in enumerate(records)}
     chosen = take_until(sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]]),
                         args.tokens)

@@ -1,27 +1,27 @@
 """Weight similarity between a dense model and its pruned copies, and how well it predicts the faithfulness drop.
 
-    python correlate.py --base out/M0 --models out/s0.1 out/s0.5 --summaries gen/*.summary.json \\
-        scores/*.summary.json -o out/magnitude
+    python correlate.py --base out/M0 --models out/s0.1 out/s0.5 --scores scores/*/*.jsonl \\
+        --summaries gen/*/*.summary.json -o out/magnitude
     python correlate.py --base out/M0 --models out/s0.* -o out/sim            # similarity only, no scores
-    python correlate.py --study rac --base out/M0 --models out/rac/* --summaries out/rac/*/*.summary.json -o out/rac
+    python correlate.py --study rac --base out/M0 --models out/rac/* --scores out/rac/scores/*.jsonl \\
+        --perplexity out/rac/ppl/*.jsonl -o out/rac
 
 For each pruned model: cosine, L1 and L2 distance, linear CKA (asand eq. 6) and ASAND with its components
 (Appendix B, eqs. 7-12) over the flattened weights of the matrices prune.py pruned (from its prune_report.json),
-streamed one tensor at a time. Then Pearson (PLCC), Spearman (SRCC) and Kendall tau-b (KRCC) between each
-metric and dF = F(M0) - F(Mp) over the pruned models, per prompt style, from score.py's summaries; the base's
-summaries must be among them. Writes similarity.json, correlations.json, histograms.json (256 bins over
-[-0.1, 0.1]), report.md (the paper's Tables 1 and 2 with its own figures beside) and, with matplotlib, PNGs.
+streamed one tensor at a time. Then Pearson (PLCC), Spearman (SRCC) and Kendall tau-b (KRCC) between each metric
+and dF = F(M0) - F(Mp) over the pruned models, per prompt style, from score.py's per-problem records (--scores);
+each coefficient gets a 95 % interval from resampling the problems. Writes similarity.json, correlations.json,
+histograms.json (256 bins over [-0.1, 0.1]), report.md (the paper's Tables 1 and 2 with intervals and paired
+tests, its own figures beside, and what the run can and cannot tell), manifest.json and, with matplotlib, PNGs.
 
---study rac skips the weights and tabulates the reasoning-aware compression study instead: for each method and
-calibration source (from each model's prune_report.json) and each sparsity, the chat-prompt accuracy, generated
-tokens, share cut off at the cap, trap rate, F and the perplexity of the dense model's held-out traces (rac.json,
-report.md).
+--study rac tabulates the reasoning-aware compression study instead (no weights read): per method, calibration
+source and level, the chat-prompt accuracy, tokens, cut-offs, traps, F and the perplexity of the dense model's
+held-out traces (--perplexity), each with its interval, and paired comparisons (rac.json, report.md).
+--study neurons tabulates the task-specific neuron study in the layout of that paper's Tables 3-5 (neurons.json,
+report.md). common/reports.py says which interval and test each number gets.
 
---study neurons tabulates the task-specific neuron study in the layout of that paper's Tables 3-5: per nominal
-pruning level (and its exact ratio) and method (selective, random per seed, reverse), accuracy, traps (Type 1 and 2)
-and F; selective before and after LoRA recovery (recover.py folders); parameters, memory and tokens/s; and the
-dense model's per-layer count of target- vs distractor-leaning neurons (neurons.json, report.md). --base is the
-dense folder that prune.py --method neuron-selective --sparsity 0 wrote (it carries the selectivity counts).
+Every model must be the base model or a copy of it (the same weight fingerprint, docs/formats.md); -o is a new
+folder or one correlate.py wrote (its manifest.json), and everything is checked before -o is created.
 """
 import argparse
 import math
@@ -29,37 +29,33 @@ import os
 
 import numpy as np
 
-from common import (CotpruneError, atomic_open, log, read_checkpoint_meta, read_json, run_cli, tensor_index,
-                    write_json)
+from common import stats
+from common.checkpoints import folder_fingerprint, read_checkpoint_meta, tensor_index
+from common.cli import ArgumentParser, CotpruneError, log, run_cli
+from common.files import atomic_open, check_parent_writable, read_json, write_json
+from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, index_records,
+                            index_summaries, interval, mdd_paragraph, model_key, paper, table, to_json, with_sd)
+from common.studies import CONTENTION_NOTE, contention_mark, neuron_report, rac_report
 
 HIST_BINS, HIST_RANGE = 256, (-0.1, 0.1)  # asand §3
-HIST_SHOWN = {f"λ = {s}" for s in (0.0, 0.1, 0.3, 0.5, 0.7)}  # the paper's Figure 1
+HIST_SHOWN = {f"λ = {s}" for s in ("0", "0.1", "0.3", "0.5", "0.7")}  # the paper's Figure 1
 METRICS = ["cosine", "L2", "L1", "CKA", "ASAND"]
-COEFFICIENTS = ["PLCC", "SRCC", "KRCC"]
+COEFFICIENTS = {"PLCC": stats.pearson, "SRCC": stats.spearman, "KRCC": stats.kendall}
 STYLE_NAMES = {"direct": "No CoT", "cot": "CoT"}
-# The paper's Qwen-0.5B figures (asand Tables 1 and 2), quoted for comparison only.
-PAPER_TABLE1 = [  # sparsity, F no-CoT, F CoT, Mem MB, Time s, T/s
-    (0.0, 0.352, 0.637, 948.67, 2.71, 23.80), (0.01, 0.365, 0.723, 9.52, 2.52, 25.03),
-    (0.05, 0.462, 0.697, 47.59, 2.46, 24.22), (0.1, 0.178, 0.670, 95.18, 2.59, 25.41),
-    (0.2, 0.195, 0.698, 190.36, 2.56, 25.94), (0.3, 0.203, 0.455, 285.54, 2.57, 26.63),
-    (0.4, 0.083, 0.367, 380.72, 2.51, 28.59), (0.5, 0.100, 0.100, 475.90, 2.49, 33.10),
-    (0.6, 0.150, 0.013, 571.07, 2.49, 18.66), (0.7, 0.013, 0.163, 666.25, 2.52, 14.20),
-    (0.8, 0.000, 0.087, 761.43, 2.49, 7.30)]
-PAPER_TABLE2 = {  # metric: (No CoT PLCC, SRCC, KRCC, CoT PLCC, SRCC, KRCC)
-    "cosine": (0.6676, 0.8424, 0.7333, 0.7718, 0.8909, 0.7778),
-    "L2": (-0.7773, -0.8424, -0.7333, -0.8974, -0.8909, -0.7778),
-    "L1": (-0.7985, -0.8424, -0.7333, -0.8868, -0.8909, -0.7778),
-    "CKA": (0.6251, 0.8303, 0.6889, 0.7023, 0.8667, 0.7333),
-    "ASAND": (0.8137, 0.8424, 0.7333, 0.9483, 0.8909, 0.7778)}
+MANIFEST = "manifest.json"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="dense model folder M0 (written by prune.py --sparsity 0)")
     p.add_argument("--models", nargs="+", required=True, help="pruned model folders written by prune.py")
+    p.add_argument("--scores", nargs="*", default=[],
+                   help="score.py outputs (per-problem JSONL) for the base and the pruned models, any styles")
     p.add_argument("--summaries", nargs="*", default=[],
-                   help="generate.py and score.py summary JSONs for the base and the pruned models")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+                   help="generate.py summary JSONs (speed, memory, size) for the base and the pruned models")
+    p.add_argument("--perplexity", nargs="*", default=[],
+                   help="rac: generate.py --perplexity outputs (per-trace JSONL) for the base and the pruned models")
+    p.add_argument("-o", "--out", required=True, help="output folder (new, or one correlate.py wrote)")
     p.add_argument("--study", choices=("magnitude", "rac", "neurons"), default="magnitude",
                    help="which report to write")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
@@ -67,42 +63,46 @@ def build_parser():
     return p
 
 
-# --------------------------------------------------------------------------------------------- correlations
+# ---------------------------------------------------------------------------------------------- checks
 
-def rankdata(x):
-    """Ranks 1..n, ties sharing their average rank (as Spearman's coefficient needs)."""
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        tied = x == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def pearson(x, y):
-    x, y = np.asarray(x, float) - np.mean(x), np.asarray(y, float) - np.mean(y)
-    den = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y) / den if den > 0 else float("nan")
+def check_report_folder(out):
+    """-o may be new, empty, or a folder correlate.py wrote (its manifest says so); nothing else is written into."""
+    if os.path.lexists(out):
+        if os.path.islink(out) or not os.path.isdir(out):
+            raise CotpruneError(f"-o {out} exists and is not a folder: name a new folder")
+        if os.listdir(out):
+            manifest = os.path.join(out, MANIFEST)
+            stage = read_json(manifest, "manifest").get("stage") if os.path.isfile(manifest) else None
+            if stage != "correlate":
+                raise CotpruneError(f"-o {out} is a folder that correlate.py did not write (no {MANIFEST}): it is "
+                                    f"left alone; name a new folder")
+    check_parent_writable(out)
 
 
-def spearman(x, y):
-    return pearson(rankdata(x), rankdata(y))
+def check_lineage(base, folders):
+    """Every folder must hold a copy of the base model: the same weight fingerprint (docs/formats.md), whatever
+    path it was reached by."""
+    want = folder_fingerprint(base)
+    if want is None:
+        raise CotpruneError(f"{base} holds no normalisation or embedding weights: cannot tell which model it is")
+    for folder in folders:
+        got = folder_fingerprint(folder)
+        if got != want:
+            made = read_checkpoint_meta(folder).get("cotprune_args", {}).get("base_model", "an unknown model")
+            raise CotpruneError(f"{folder} comes from another model ({made}, weights {got}) than --base {base} "
+                                f"(weights {want})")
 
 
-def kendall_tau_b(x, y):
-    """(n_c - n_d) / sqrt((n0 - n_x)(n0 - n_y)): n_x, n_y = pairs tied in x, in y; n0 = n(n-1)/2."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    iu = np.triu_indices(len(x), 1)
-    dx = np.sign(x[:, None] - x[None, :])[iu]
-    dy = np.sign(y[:, None] - y[None, :])[iu]
-    den = math.sqrt(float(np.sum(dx != 0)) * float(np.sum(dy != 0)))
-    return float(np.sum(dx * dy)) / den if den > 0 else float("nan")
+def prune_report(folder):
+    path = os.path.join(folder, "prune_report.json")
+    if not os.path.isfile(path):
+        raise CotpruneError(f"{folder} has no prune_report.json: not a folder that prune.py wrote")
+    return read_json(path, "prune report")
 
 
-def correlations(x, y):
-    return {"PLCC": pearson(x, y), "SRCC": spearman(x, y), "KRCC": kendall_tau_b(x, y)}
+def level_label(rep):
+    """'0.5' or '2:4': what tells two pruned models apart (sparsity alone does not: 2:4 is 0.5 too)."""
+    return rep.get("nm") or f"{rep['sparsity']:g}"
 
 
 # ----------------------------------------------------------------------------------------------- similarity
@@ -152,24 +152,13 @@ def similarity(st, sparsity):
             "nonzero_base": nz0, "nonzero_pruned": nzp, "numel": int(n)}
 
 
-def check_same_family(base, folder, base_meta, meta):
-    b0 = base_meta.get("cotprune_args", {}).get("base_model")
-    b1 = meta.get("cotprune_args", {}).get("base_model")
-    if b0 and b1 and b0 != b1:
-        raise CotpruneError(f"{folder} was pruned from {b1!r}, but --base {base} is {b0!r}: a checkpoint "
-                            f"from another model")
-
-
-def compare(base, folder, base_index):
+def compare_weights(base, folder, base_index, rep):
     """Stream the pruned matrices of `folder` against `base`; returns (metrics, histogram counts of folder)."""
     import torch
     from safetensors import safe_open
-    report = read_json(os.path.join(folder, "prune_report.json"), "prune report")
-    meta = read_checkpoint_meta(folder)
-    check_same_family(base, folder, read_checkpoint_meta(base), meta)
     index = tensor_index(folder)
     st, hist = PairStats(), torch.zeros(HIST_BINS, dtype=torch.float64)
-    for row in report["matrices"]:
+    for row in rep["matrices"]:
         name = row["name"]
         if name not in base_index or name not in index:
             where = base if name not in base_index else folder
@@ -178,120 +167,149 @@ def compare(base, folder, base_index):
             w0, wp = f0.get_tensor(name), fp.get_tensor(name)
         if w0.shape != wp.shape:
             raise CotpruneError(f"{name} is {tuple(wp.shape)} in {folder} but {tuple(w0.shape)} in {base}: "
-                                f"a checkpoint from another model")
+                                f"another architecture")
         st.add(w0, wp)
         hist += torch.histc(wp.double(), HIST_BINS, *HIST_RANGE)
-    return {"model": folder, "sparsity": report["sparsity"], "method": report["method"],
-            "achieved_sparsity": report["pruned_sparsity"], **similarity(st, report["sparsity"])}, hist.tolist()
+    return {"model": folder, "label": level_label(rep), "sparsity": rep["sparsity"], "nm": rep.get("nm"),
+            "method": rep["method"], "achieved_sparsity": rep["pruned_sparsity"],
+            **similarity(st, rep["sparsity"])}, hist.tolist()
 
 
-# ------------------------------------------------------------------------------------------------- summaries
+# ------------------------------------------------------------------------------------------ magnitude report
 
-def index_summaries(paths):
-    """{(realpath of model, stage, style): summary}."""
-    out = {}
-    for path in paths:
-        s = read_json(path, "summary")
-        if "stage" not in s or "model" not in s:
-            raise CotpruneError(f"{path} is not a generate.py or score.py summary (no stage/model fields)")
-        out[(os.path.realpath(s["model"]), s["stage"], s["style"])] = s
-    return out
-
-
-def styles_of(summaries):
-    return [s for s in ("direct", "cot", "chat") if any(k[1] == "score" and k[2] == s for k in summaries)]
+def shared_matrix(scores, base, rows, style):
+    """(base F [problems], F [models, problems]) on the problems every model answered in this style."""
+    recs = [scores.get((model_key(m), style)) for m in [base] + [r["model"] for r in rows]]
+    for m, r in zip([base] + [r["model"] for r in rows], recs):
+        if r is None:
+            raise CotpruneError(f"no {style}-style score records (--scores) for {m}")
+    ids = sorted(set.intersection(*(set(r) for r in recs)), key=str)
+    if not ids:
+        raise CotpruneError(f"the {style} score records of the models share no problem id")
+    F = np.array([[r[i]["F"] for i in ids] for r in recs], dtype=float)
+    return F[0], F[1:]
 
 
-def get(summaries, model, stage, style, key):
-    if model is None:
-        return None
-    s = summaries.get((os.path.realpath(model), stage, style))
-    return None if s is None else s.get(key)
+def correlation_table(rows, scores, base, styles):
+    """{style: {metric: {coef: {"coef", "lo", "hi"}}}}, inputs, and the ASAND-vs-CKA comparisons."""
+    corr, inputs, versus = {}, {}, {}
+    for style in styles:
+        f0, F = shared_matrix(scores, base, rows, style)
+        inputs[style] = {"labels": [r["label"] for r in rows], "sparsity": [r["sparsity"] for r in rows],
+                         "dF": [float(v) for v in f0.mean() - F.mean(axis=1)], "problems": len(f0)}
+        corr[style] = {m: {name: stats.resampled_correlation([r[m] for r in rows], F, f0, fn, seed=0)
+                           for name, fn in COEFFICIENTS.items()} for m in METRICS}
+        versus[style] = {name: stats.compare_correlations([r["ASAND"] for r in rows], [r["CKA"] for r in rows], F,
+                                                          f0, fn, seed=0) for name, fn in COEFFICIENTS.items()}
+    return corr, inputs, versus
 
 
-def faithfulness_drops(base, rows, summaries, style):
-    f0 = get(summaries, base, "score", style, "F")
-    if f0 is None:
-        raise CotpruneError(f"no score summary for the base model {base} with style {style}")
-    drops = []
-    for r in rows:
-        fp = get(summaries, r["model"], "score", style, "F")
-        if fp is None:
-            raise CotpruneError(f"no score summary for {r['model']} with style {style}")
-        drops.append(f0 - fp)
-    return drops
-
-
-# ---------------------------------------------------------------------------------------------------- report
-
-def fmt(v, digits=3):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def coef_cell(c):
+    if c is None or math.isnan(c["coef"]):
         return "—"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    return f"{c['coef']:.3f} [{fmt(c['lo'])}, {fmt(c['hi'])}]".replace("-", "−")
 
 
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
-
-
-def table1(base, rows, summaries):
-    out = []
-    for m in [{"model": base, "sparsity": 0.0}] + rows:
-        g = lambda stage, style, key: get(summaries, m["model"], stage, style, key)
-        out.append([fmt(m["sparsity"], 2), fmt(g("score", "direct", "F")), fmt(g("score", "cot", "F")),
-                    fmt(g("score", "direct", "accuracy")), fmt(g("score", "cot", "accuracy")),
-                    fmt(g("generate", "cot", "nonzero_mb"), 1), fmt(g("generate", "cot", "peak_memory_mb"), 0),
-                    fmt(g("generate", "cot", "seconds_per_problem"), 2), fmt(g("generate", "cot", "tokens_per_s"), 1),
-                    fmt(g("score", "cot", "trap_rate"), 2)])
-    return table(["Prune", "F No CoT", "F CoT", "Acc No CoT", "Acc CoT", "Non-zero MB", "Peak MB", "Time s",
-                  "T/s", "Traps CoT"], out)
-
-
-def table2(corr, styles):
-    head = ["Metric"] + [f"{STYLE_NAMES.get(s, s)} {c}" for s in styles for c in COEFFICIENTS]
-    return table(head, [[m] + [fmt(corr[s][m][c], 4) for s in styles for c in COEFFICIENTS] for m in METRICS])
-
-
-def write_report(path, base, rows, summaries, corr, styles, figures):
-    n = {s: get(summaries, base, "score", s, "n") for s in styles}
-    paper1 = table(["Prune", "F No CoT", "F CoT", "Mem MB", "Time s", "T/s"],
-                   [[fmt(r[0], 2)] + [fmt(v, 3) for v in r[1:3]] + [fmt(v, 2) for v in r[3:]] for r in PAPER_TABLE1])
-    paper2 = table(["Metric"] + [f"{s} {c}" for s in ("No CoT", "CoT") for c in COEFFICIENTS],
-                   [[m] + [fmt(v, 4) for v in PAPER_TABLE2[m]] for m in METRICS])
+def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles, figures):
+    rec = lambda m, style: scores.get((model_key(m), style))  # noqa: E731
+    gen = lambda m: summaries.get((model_key(m), "generate", "cot"))  # noqa: E731
+    models = [{"model": base, "label": "0", "sparsity": 0.0}] + rows
+    est = {(m["model"], st, q): estimate(rec(m["model"], st), q) for m in models for st in styles
+           for q in ("F", "accuracy", "trap_rate")}
+    g = lambda m, key, d: fmt((gen(m) or {}).get(key), d)  # noqa: E731
+    t1 = [[m["label"]] + [cell(est.get((m["model"], st, "F"))) for st in ("direct", "cot")]
+          + [cell(est.get((m["model"], st, "accuracy"))) for st in ("direct", "cot")]
+          + [g(m["model"], "nonzero_mb", 1), g(m["model"], "peak_memory_mb", 0), g(m["model"], "seconds_per_problem", 2),
+             g(m["model"], "tokens_per_s", 1) + contention_mark(gen(m["model"])),
+             cell(est.get((m["model"], "cot", "trap_rate")), 2)] for m in models]
+    cmp = {}
+    for r in rows:
+        for st in styles:
+            c = compare(rec(base, st), rec(r["model"], st), "F")
+            cmp[(r["label"], st, "F")] = with_sd(rec(base, st), rec(r["model"], st), c)
+        if "cot" in styles:
+            for q in ("accuracy", "trap_rate"):
+                cmp[(r["label"], "cot", q)] = compare(rec(base, "cot"), rec(r["model"], "cot"), q)
+    m_holm = holm_mark(list(cmp.values()))
+    t1b = [[r["label"]] + [diff_cell(cmp.get((r["label"], st, "F"))) for st in ("direct", "cot")]
+           + [diff_cell(cmp.get((r["label"], "cot", q))) for q in ("accuracy", "trap_rate")] for r in rows]
+    ref = paper("asand")
+    paper1 = table(ref["table1_columns"], [[fmt(r[0], 2)] + [fmt(v, 3) for v in r[1:3]] + [fmt(v, 2) for v in r[3:]]
+                                           for r in ref["table1"]])
+    paper2 = table(["Metric"] + ref["table2_columns"], [[m] + [fmt(v, 4) for v in ref["table2"][m]] for m in METRICS])
+    t2 = table(["Metric"] + [f"{STYLE_NAMES.get(s, s)} {c}" for s in styles for c in COEFFICIENTS],
+               [[m] + [coef_cell(corr[s][m][c]) for s in styles for c in COEFFICIENTS] for m in METRICS])
     sim = table(["Prune", "achieved", "cosine", "L2", "L1", "CKA", "ASAND", "s_cent", "s_jacc", "d_AEDD", "s_vol"],
-                [[fmt(r["sparsity"], 2), fmt(r["achieved_sparsity"], 4), fmt(r["cosine"], 4), fmt(r["L2"], 2),
-                  fmt(r["L1"], 0), fmt(r["CKA"], 4), fmt(r["ASAND"], 4), fmt(r["s_cent"], 4), fmt(r["s_jacc"], 4),
-                  fmt(r["d_aedd"], 4), fmt(r["s_vol"], 4)] for r in rows])
+                [[r["label"], fmt(r["achieved_sparsity"], 4), fmt(r["cosine"], 4), fmt(r["L2"], 2), fmt(r["L1"], 0),
+                  fmt(r["CKA"], 4), fmt(r["ASAND"], 4), fmt(r["s_cent"], 4), fmt(r["s_jacc"], 4), fmt(r["d_aedd"], 4),
+                  fmt(r["s_vol"], 4)] for r in rows])
+    n = {s: inputs[s]["problems"] for s in styles}
     parts = [
         "## Magnitude pruning vs. chain-of-thought faithfulness",
         f"Base model `{base}`; {len(rows)} pruned copies; problems per style: "
         + ", ".join(f"{STYLE_NAMES.get(s, s)} {n[s]}" for s in styles) + ".",
         "### Table 1: faithfulness and efficiency",
-        "F: faithfulness in [0, 1]; Acc: GSM8K exact match; Non-zero MB: dense bytes of the non-zero parameters "
-        "(what sparse storage could save, before indices); Peak MB: peak memory of the generating process; "
-        "Time: seconds per problem and T/s: generated tokens per second, both for the CoT prompt; Traps: share "
-        "of CoT outputs that end in a degeneration loop.",
-        table1(base, rows, summaries),
-        "The paper's Table 1 (Qwen-0.5B, P100, fp16; its Mem column grows with sparsity):",
-        paper1,
+        "F: faithfulness in [0, 1]; Acc: GSM8K exact match; each with its 95 % interval (F: bootstrap over "
+        "problems; Acc and Traps: exact Clopper-Pearson). Non-zero MB: dense bytes of the non-zero parameters "
+        "(what sparse storage could save, before indices); Peak MB: peak memory of the generating process; Time: "
+        "seconds per problem and T/s: generated tokens per second, both for the CoT prompt; Traps: share of CoT "
+        "outputs that end in a degeneration loop. " + CONTENTION_NOTE,
+        table(["Prune", "F No CoT", "F CoT", "Acc No CoT", "Acc CoT", "Non-zero MB", "Peak MB", "Time s", "T/s",
+               "Traps CoT"], t1),
+        "### Table 1b: each pruned model against the dense one",
+        "Pruned − dense. " + holm_note(m_holm),
+        table(["Prune", "Δ F No CoT", "Δ F CoT", "Δ Acc CoT", "Δ Traps CoT"], t1b),
+        "The paper's Table 1, quoted for comparison (" + ref["source"] + "; its Mem column grows with sparsity):", paper1,
         "### Table 2: correlation of similarity with the faithfulness drop ΔF = F(M0) − F(Mp)",
-        f"Over the {len(rows)} pruned models. A positive coefficient means the metric rises with ΔF; a dash, "
-        "that the coefficient is undefined (a constant series, such as F = 0 at every sparsity).",
-        table2(corr, styles),
-        "The paper's Table 2 (it names ASAND 'SAND' there):",
-        paper2,
+        f"Over the {len(rows)} pruned models, with a 95 % interval from resampling the problems (the same "
+        "resample for every model, ΔF and the coefficient recomputed). A positive coefficient means the metric "
+        "rises with ΔF; a dash, that it is undefined (a constant series). With this few models the intervals are "
+        "wide, and rank coefficients of metrics that all move monotonically with λ are equal by construction.",
+        t2, f"The paper's Table 2, quoted for comparison ({ref['table2_note']}):", paper2,
         "### Weight similarity to M0 (flattened pruned matrices)",
-        "Under eq. 6 as printed (HSIC(X, Y) = tr(XYᵀ)²), linear CKA on weight vectors is the square of the "
-        "centred alignment s_cent, so its rank coefficients equal s_cent's.",
-        sim,
-    ]
+        "Under eq. 6 as printed (HSIC(X, Y) = tr(XYᵀ)²), linear CKA on weight vectors is the square of the centred "
+        "alignment s_cent, so its rank coefficients equal s_cent's.", sim]
     parts += [f"![{name}]({name})" for name in figures]
-    with atomic_open(path) as f:
-        f.write("\n\n".join(parts) + "\n")
+    parts += ["### What this run can and cannot tell",
+              magnitude_claims(rows, cmp, versus, styles, est, base, n, rec)]
+    return "\n\n".join(parts) + "\n", {"comparisons": [{"label": k[0], "style": k[1], "quantity": k[2], **v}
+                                                     for k, v in cmp.items() if v], "holm_m": m_holm}
 
 
-def draw_figures(out, base, rows, summaries, corr_inputs, hists, styles):
+def magnitude_claims(rows, cmp, versus, styles, est, base, n, rec):
+    lines = []
+    for r in [r for r in rows if r["nm"] is None and r["sparsity"] <= 0.05]:
+        c = cmp.get((r["label"], "cot", "F"))
+        if c:
+            lines.append(claim("Light pruning raises CoT faithfulness (the paper: F 0.637 → 0.723 at λ = 0.01).",
+                               f"ΔF = {interval(c)} at λ = {r['label']}", c["lo"], c["hi"], +1,
+                               "; a gain as large as the paper's (+0.086) lies above the interval"
+                               if c["hi"] < 0.086 else ""))
+    heavy = [r for r in rows if r["nm"] is None and r["sparsity"] >= 0.5]
+    if heavy and (c := cmp.get((heavy[0]["label"], "cot", "F"))):
+        lines.append(claim("CoT faithfulness collapses by λ = 0.5 (the paper: F 0.637 → 0.100).",
+                           f"ΔF = {interval(c)} at λ = {heavy[0]['label']}", c["lo"], c["hi"], -1))
+    if "cot" in styles:
+        v = versus["cot"]["PLCC"]
+        share = "" if math.isnan(v["share"]) else f", ASAND ahead in {100 * v['share']:.0f} % of the resamples"
+        lines.append(claim("ASAND tracks the faithfulness drop better than CKA (the paper's CoT PLCC: 0.948 against "
+                           "0.702).", f"|PLCC(ASAND)| − |PLCC(CKA)| = {interval(v)}{share}", v["lo"], v["hi"], +1))
+    if "cot" in styles and "direct" in styles:
+        c = compare(rec(base, "direct"), rec(base, "cot"), "F")
+        if c:
+            lines.append(claim("A chain of thought reads as more faithful than a direct answer (the paper, dense "
+                               "model: F 0.637 against 0.352).", f"F(CoT) − F(No CoT) = {interval(c)}", c["lo"],
+                               c["hi"], +1))
+    acc = est.get((base, "cot", "accuracy"))
+    lines += ["", mdd_paragraph(n.get("cot") or next(iter(n.values())),
+                                [v for k, v in cmp.items() if k[2] == "F" and k[1] == "cot"],
+                                acc["value"] if acc else None)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+def draw_figures(out, base, rows, scores, corr_inputs, hists, styles):
     """PNG figures; returns the file names drawn ([] without matplotlib)."""
     try:
         import matplotlib
@@ -300,15 +318,17 @@ def draw_figures(out, base, rows, summaries, corr_inputs, hists, styles):
     except ImportError:
         log("matplotlib is not installed: no figures (pip install matplotlib)")
         return []
-    names = []
-    sp = [0.0] + [r["sparsity"] for r in rows]
+    names, ref = [], paper("asand")["table1"]
+    levels = [r for r in [{"model": base, "sparsity": 0.0, "nm": None}] + rows if r["nm"] is None]
     fig, ax = plt.subplots(figsize=(6, 4))
     for style in styles:
-        ys = [get(summaries, m, "score", style, "F") for m in [base] + [r["model"] for r in rows]]
-        ax.plot(sp, ys, "o-", label=f"{STYLE_NAMES.get(style, style)} (ours)")
+        es = [estimate(scores.get((model_key(r["model"]), style)), "F") for r in levels]
+        ys = np.array([e["value"] for e in es])
+        err = np.array([[e["value"] - e["lo"], e["hi"] - e["value"]] for e in es]).T
+        ax.errorbar([r["sparsity"] for r in levels], ys, yerr=np.nan_to_num(err), fmt="o-", capsize=2,
+                    label=f"{STYLE_NAMES.get(style, style)} (ours, 95 % interval)")
     for col, style in ((1, "No CoT"), (2, "CoT")):
-        ax.plot([r[0] for r in PAPER_TABLE1], [r[col] for r in PAPER_TABLE1], "--", alpha=0.5,
-                label=f"{style} (paper, Qwen-0.5B)")
+        ax.plot([r[0] for r in ref], [r[col] for r in ref], "--", alpha=0.5, label=f"{style} (paper, Qwen-0.5B)")
     ax.set(xlabel="sparsity", ylabel="faithfulness F", ylim=(0, 1))
     ax.legend(fontsize=7)
     names.append(_save(fig, out, "faithfulness.png"))
@@ -331,192 +351,95 @@ def draw_figures(out, base, rows, summaries, corr_inputs, hists, styles):
 
 
 def _save(fig, out, name):
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(os.path.join(out, name + ".tmp"), format="png", dpi=110)
-    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    with atomic_open(os.path.join(out, name), "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
     return name
 
 
-RAC_LABELS = {("magnitude", ""): "magnitude", ("wanda", "text"): "Wanda, generic text",
-              ("sparsegpt", "text"): "SparseGPT, generic text", ("sparsegpt", "prompts"): "SparseGPT, prompt-only",
-              ("sparsegpt", "traces"): "SparseGPT, own traces (RAC)", ("wanda", "traces"): "Wanda, own traces (RAC)"}
-RAC_COLUMNS = [("accuracy", "score", "accuracy", 3), ("mean tokens", "score", "mean_new_tokens", 0),
-               ("cut off", "score", "cutoff_rate", 2), ("traps", "score", "trap_rate", 2), ("F", "score", "F", 3),
-               ("trace ppl", "perplexity", "perplexity", 2)]
-PAPER_RAC = [  # the RAC paper's MATH-500 accuracy, one-shot SparseGPT (second-hand, pruners-notes.md)
-    ("R1-Distill-Qwen-1.5B (dense 0.832)", "40%", 0.658, 0.728, 0.774),
-    ("R1-Distill-Qwen-1.5B (dense 0.832)", "50%", 0.356, 0.496, 0.664),
-    ("R1-Distill-Qwen-7B (dense 0.936)", "50%", 0.744, 0.812, 0.900)]
+# ------------------------------------------------------------------------------------------------ main
+
+def write_outputs(out, study, files, text):
+    """Everything into -o at once, the manifest last: it names what correlate.py wrote there."""
+    os.makedirs(out, exist_ok=True)
+    for name, obj in files.items():
+        write_json(os.path.join(out, name), to_json(obj))
+    with atomic_open(os.path.join(out, "report.md")) as f:
+        f.write(text)
+    write_json(os.path.join(out, MANIFEST), {"stage": "correlate", "study": study,
+                                             "files": sorted(list(files) + ["report.md"])})
+    log(f"wrote {out}/report.md")
 
 
-def rac_rows(base, models):
-    """[(method label, sparsity label, model folder)] in a stable order: labels as RAC_LABELS, then sparsity."""
-    rows = []
+def magnitude_models(base, models):
+    """[(folder, prune report)] of the pruned models, one per level; dense copies (the base itself) are skipped."""
+    reps = {}
     for folder in models:
-        rep = read_json(os.path.join(folder, "prune_report.json"), "prune report")
-        key = (rep["method"], rep.get("calib_source", "") if rep["method"] != "magnitude" else "")
-        label = RAC_LABELS.get(key, f"{key[0]}, {key[1]}")
-        rows.append((label, rep.get("nm") or f"{rep['sparsity']:.0%}", rep["sparsity"], folder))
-    order = list(RAC_LABELS.values())
-    rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else len(order), ":" in r[1], r[2]))
-    return [("dense", "0%", 0.0, base)] + rows
+        rep = prune_report(folder)
+        if "neurons" in rep:
+            raise CotpruneError(f"{folder} is neuron-pruned (its MLPs are narrower): another architecture, which "
+                                f"the magnitude study cannot compare weight by weight; use --study neurons")
+        if os.path.realpath(folder) == os.path.realpath(base) or (not rep["sparsity"] and not rep.get("nm")):
+            continue
+        label = level_label(rep)
+        if label in reps:
+            raise CotpruneError(f"{reps[label][0]} and {folder} are both pruned at {label}: pass one")
+        reps[label] = (folder, rep)
+    if not reps:
+        raise CotpruneError("--models holds no pruned model (sparsity > 0) to compare")
+    return list(reps.values())
 
 
-def write_rac_report(out, base, models, summaries):
-    rows = rac_rows(base, models)
-    data = [{"method": m, "sparsity": s, "model": f,
-             **{col: get(summaries, f, stage, "traces" if stage == "perplexity" else "chat", key)
-                for col, stage, key, _ in RAC_COLUMNS}} for m, s, _, f in rows]
-    write_json(os.path.join(out, "rac.json"), nan_to_none(data))
-    levels = list(dict.fromkeys(s for _, s, _, _ in rows[1:]))
-    methods = list(dict.fromkeys(m for m, _, _, _ in rows[1:]))
-    cell = {(d["method"], d["sparsity"]): d for d in data}
-    n = get(summaries, base, "score", "chat", "n")
-    parts = ["## Reasoning-aware compression: calibrating on the model's own chain of thought",
-             f"Each model answers the same {n} GSM8K test problems with the chat prompt (greedy); trace ppl is the "
-             "perplexity of the dense model's own traces on held-out GSM8K train problems, teacher-forced. The dense "
-             "model: " + ", ".join(f"{col} {fmt(data[0][col], d)}" for col, _, _, d in RAC_COLUMNS) + "."]
-    for col, _, _, digits in RAC_COLUMNS:
-        parts += [f"### {col}", table(["method"] + levels,
-                                      [[m] + [fmt(cell.get((m, s), {}).get(col), digits) for s in levels]
-                                       for m in methods])]
-    parts += ["The RAC paper's MATH-500 accuracy for comparison (one-shot SparseGPT; larger models, another task):",
-              table(["model", "sparsity", "generic text", "prompt-only", "RAC"],
-                    [[a, b] + [fmt(v, 3) for v in rest] for a, b, *rest in PAPER_RAC])]
-    with atomic_open(os.path.join(out, "report.md")) as f:
-        f.write("\n\n".join(parts) + "\n")
-
-
-# ------------------------------------------------------------------------------------------ neuron study report
-
-NEURON_LABELS = {"neuron-selective": "selective", "neuron-random": "random", "neuron-reverse": "reverse"}
-# The paper's Qwen2.5-Math-1.5B-Instruct (GSM8K EM %, trap %), selective pruning, before and after LoRA (Tables 3-4).
-PAPER_NEURONS = [("0%", 84.0, 0.91, 84.0, 0.91), ("5%", 82.49, 1.21, 82.64, 1.14), ("10%", 82.11, 1.44, 82.18, 1.21),
-                 ("15%", 76.5, 4.4, 78.7, 1.14), ("20%", 68.92, 5.61, 74.37, 2.27), ("25%", 63.0, 10.61, 69.52, 3.49),
-                 ("30%", 47.38, 28.05, 63.46, 4.17), ("35%", 22.37, 58.53, 51.25, 10.54)]
-
-
-def neuron_model_info(folder):
-    """(label, nominal ratio, exact ratio, report) of a neuron-pruned folder or a recover.py folder made from one."""
-    rec = os.path.join(folder, "recover_report.json")
-    if os.path.exists(rec):
-        label, nominal, exact, rep = neuron_model_info(read_json(rec, "recover report")["source_model"])
-        return label + " + LoRA", nominal, exact, rep
-    rep = read_json(os.path.join(folder, "prune_report.json"), "prune report")
-    if "neurons" not in rep:
-        raise CotpruneError(f"{folder} was not made by a neuron method (its prune report has no `neurons`)")
-    label = NEURON_LABELS[rep["method"]]
-    if rep["method"] == "neuron-random":
-        label += f" (seed {read_checkpoint_meta(folder).get('cotprune_args', {}).get('seed')})"
-    return label, rep["neurons"]["nominal_ratio"], rep["neurons"]["exact_ratio"], rep
-
-
-def pct(v, digits=1):
-    return fmt(None if v is None else 100 * v, digits)
-
-
-def write_neuron_report(out, base, models, summaries):
-    g = lambda m, stage, key: get(summaries, m, stage, "chat", key)
-    base_rep = read_json(os.path.join(base, "prune_report.json"), "prune report")
-    info = [(*neuron_model_info(f), f) for f in models]
-    levels = sorted({(nom, exact) for _, nom, exact, _, _ in info if nom > 0})
-    methods = list(dict.fromkeys(sorted((lab for lab, *_ in info if "LoRA" not in lab),
-                                        key=lambda s: (not s.startswith("selective"), s.startswith("reverse"), s))))
-    cell = {(lab, nom): f for lab, nom, _, _, f in info}
-    data = [{"method": lab, "nominal_ratio": nom, "exact_ratio": exact, "model": f,
-             **{k: g(f, stage, k) for stage, k in (("score", "accuracy"), ("score", "trap_rate"),
-                                                    ("score", "type1_rate"), ("score", "type2_rate"), ("score", "F"),
-                                                    ("score", "mean_new_tokens"), ("generate", "params"),
-                                                    ("generate", "peak_memory_mb"), ("generate", "tokens_per_s"))}}
-            for lab, nom, exact, _, f in [("dense", 0.0, 0.0, base_rep, base)] + info]
-    write_json(os.path.join(out, "neurons.json"), nan_to_none(data))
-    level_name = lambda nom, exact: f"{nom:.0%} ({exact:.2%})"
-    def by_method(key, fmt_v):
-        value = lambda f: " / ".join(fmt_v(g(f, "score", k)) for k in key.split("+"))
-        return table(["pruning (exact)"] + methods,
-                     [["original"] + [value(base)] * len(methods)]
-                     + [[level_name(nom, exact)] + [value(cell[(m, nom)]) if (m, nom) in cell else "—"
-                                                    for m in methods] for nom, exact in levels])
-    sel = [(nom, exact, cell.get(("selective", nom)), cell.get(("selective + LoRA", nom))) for nom, exact in levels]
-    gain = lambda a, b: None if a is None or b is None or not a else (b - a) / a
-    recovery = table(["pruning", "accuracy", "after LoRA", "relative gain", "trap %", "after LoRA", "F",
-                      "F after LoRA"],
-                     [[level_name(nom, exact), pct(g(s, "score", "accuracy")), pct(g(r, "score", "accuracy")),
-                       pct(gain(g(s, "score", "accuracy"), g(r, "score", "accuracy"))),
-                       pct(g(s, "score", "trap_rate")), pct(g(r, "score", "trap_rate")), fmt(g(s, "score", "F")),
-                       fmt(g(r, "score", "F"))] for nom, exact, s, r in sel if s])
-    resources = table(["pruning", "parameters", "weights MB", "peak memory MB", "tokens/s"],
-                      [[name, f"{g(f, 'generate', 'params') or 0:,}", fmt(g(f, "generate", "param_mb"), 1),
-                        fmt(g(f, "generate", "peak_memory_mb"), 0), fmt(g(f, "generate", "tokens_per_s"), 1)]
-                       for name, f in [("original", base)] + [(level_name(n, e), s) for n, e, s, _ in sel if s]])
-    layers = base_rep.get("neurons", {}).get("layers", [])
-    per_layer = table(["layer", "target-leaning (S > 0)", "distractor-leaning (S < 0)"],
-                      [[x["layer"], x["target_leaning"], x["distractor_leaning"]] for x in layers])
-    n = g(base, "score", "n")
-    parts = ["## Task-specific neuron pruning, LoRA recovery and traps",
-             f"MLP neurons removed per layer by target-vs-distractor selectivity (selective: lowest S; reverse: "
-             f"highest S; random: a seeded draw), {base_rep['neurons']['d_ff'] if 'neurons' in base_rep else '?'} "
-             f"neurons per layer, kept counts multiples of {base_rep.get('neurons', {}).get('multiple', '?')}; "
-             f"the exact share removed is in brackets (the paper's Table 2). Each model answers the same {n} GSM8K "
-             "test problems with the chat prompt, greedy and unconstrained up to the token cap; a trap is an "
-             "output that ends in a degeneration loop without EOS (Type 1: a complete answer came first; a "
-             "correct Type 1 answer counts as correct, as in the paper).",
-             "### Table 3a: accuracy (%) after pruning", by_method("accuracy", pct),
-             "### Table 3b: traps (%) after pruning", by_method("trap_rate", pct),
-             "### Traps by type (%): Type 1 / Type 2", by_method("type1_rate+type2_rate", pct),
-             "### Faithfulness F after pruning", by_method("F", fmt),
-             "### Table 4: selective pruning before and after LoRA recovery", recovery,
-             "### Table 5: size and speed (generation at the study's batch size, bf16, CPU)", resources,
-             "### Figure 6: per-layer target- vs distractor-leaning neurons (dense model's selectivity)", per_layer,
-             "The paper's Qwen2.5-Math-1.5B-Instruct, selective pruning (GSM8K EM %, trap %; Tables 3 and 4):",
-             table(["pruning", "EM", "trap %", "EM after LoRA", "trap % after LoRA"],
-                   [[a] + [fmt(v, 2) for v in rest] for a, *rest in PAPER_NEURONS])]
-    with atomic_open(os.path.join(out, "report.md")) as f:
-        f.write("\n\n".join(parts) + "\n")
-
-
-def nan_to_none(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [nan_to_none(v) for v in obj]
-    return obj
+def magnitude_rows(base, models):
+    """(rows of similarity metrics, sorted by level; [(label, histogram)])."""
+    base_index = tensor_index(base)
+    rows, hists = [], []
+    for folder, rep in models:
+        metrics, hist = compare_weights(base, folder, base_index, rep)
+        rows.append(metrics)
+        hists.append((f"λ = {metrics['label']}", hist))
+        log(f"{folder}: cosine {metrics['cosine']:.4f}, ASAND {metrics['ASAND']:.4f}")
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["nm"] is not None, rows[i]["sparsity"]))
+    return [rows[i] for i in order], [hists[i] for i in order]
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_report_folder(args.out)
     summaries = index_summaries(args.summaries)
-    if args.study in ("rac", "neurons"):
-        os.makedirs(args.out, exist_ok=True)
-        (write_rac_report if args.study == "rac" else write_neuron_report)(args.out, args.base, args.models, summaries)
-        log(f"wrote {args.out}/report.md")
-        return
-    styles = styles_of(summaries)
-    base_index = tensor_index(args.base)
-    rows, hists = [], []
-    for folder in args.models:
-        metrics, hist = compare(args.base, folder, base_index)
-        rows.append(metrics)
-        hists.append((f"λ = {metrics['sparsity']}", hist))
-        log(f"{folder}: cosine {metrics['cosine']:.4f}, ASAND {metrics['ASAND']:.4f}")
-    rows = [r for r in sorted(rows, key=lambda r: r["sparsity"]) if r["sparsity"] > 0]
-    if not rows:
-        raise CotpruneError("--models holds no pruned model (sparsity > 0) to compare")
+    scores = index_records(args.scores, "score")
+    ppl = index_records(args.perplexity, "perplexity")
+    check_lineage(args.base, args.models)
+    if args.study == "rac":
+        text, data = rac_report(args.base, args.models, scores, ppl, summaries)
+        return write_outputs(args.out, "rac", {"rac.json": data}, text)
+    if args.study == "neurons":
+        text, data = neuron_report(args.base, args.models, scores, summaries)
+        return write_outputs(args.out, "neurons", {"neurons.json": data}, text)
+    models = magnitude_models(args.base, args.models)
+    styles = [s for s in ("direct", "cot") if (model_key(args.base), s) in scores]
+    for style in styles:  # before any weight is read
+        for folder in [f for f, _ in models if (model_key(f), style) not in scores]:
+            raise CotpruneError(f"no {style}-style score records (--scores) for {folder}")
+    rows, hists = magnitude_rows(args.base, models)
+    files = {"similarity.json": rows,
+             "histograms.json": {"bins": HIST_BINS, "range": list(HIST_RANGE), "counts": dict(hists)}}
+    if not styles:  # similarity only
+        if scores:
+            raise CotpruneError(f"--scores holds no direct- or cot-style records of --base {args.base}")
+        text = "## Weight similarity to the base model\n\n" + table(
+            ["Prune", "cosine", "L2", "L1", "CKA", "ASAND"], [[r["label"]] + [fmt(r[m], 4) for m in METRICS]
+                                                            for r in rows]) + "\n"
+        return write_outputs(args.out, "magnitude", files, text)
+    corr, inputs, versus = correlation_table(rows, scores, args.base, styles)
     os.makedirs(args.out, exist_ok=True)
-    corr, corr_inputs = {}, {}
-    for style in styles:
-        dF = faithfulness_drops(args.base, rows, summaries, style)
-        corr_inputs[style] = {"sparsity": [r["sparsity"] for r in rows], "dF": dF}
-        corr[style] = {m: correlations([r[m] for r in rows], dF) for m in METRICS}
-    write_json(os.path.join(args.out, "similarity.json"), nan_to_none(rows))
-    write_json(os.path.join(args.out, "correlations.json"), nan_to_none({"inputs": corr_inputs, "coefficients": corr}))
-    write_json(os.path.join(args.out, "histograms.json"),
-               {"bins": HIST_BINS, "range": list(HIST_RANGE), "counts": {label: h for label, h in hists}})
-    figures = draw_figures(args.out, args.base, rows, summaries, corr_inputs, hists, styles) if args.figures else []
-    write_report(os.path.join(args.out, "report.md"), args.base, rows, summaries, corr, styles, figures)
-    log(f"wrote {args.out}/report.md")
+    figures = draw_figures(args.out, args.base, rows, scores, inputs, hists, styles) if args.figures else []
+    text, tests = magnitude_report(args.base, rows, scores, summaries, corr, inputs, versus, styles, figures)
+    files["correlations.json"] = {"inputs": inputs, "coefficients": corr, "asand_vs_cka": versus}
+    files["comparisons.json"] = tests
+    write_outputs(args.out, "magnitude", files, text)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, 
 from common.engine import decode, eos_token_ids, fast_linears
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_json, write_jsonl
 from common.models import load_model, load_tokenizer, model_source, resolved_model
-from common.runtime import (add_runtime_flags, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
-                            resolve_dtype, runtime_info, set_seed)
+from common.runtime import (CONTENDED, CpuMeter, Timer, add_runtime_flags, describe_runtime, param_counts,
+                            peak_memory_mb, resolve_device, resolve_dtype, runtime_info, set_seed)
 
 STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
     "cot": {"template": "Solve this step by step: Question: {q} Step 1:", "max_new_tokens": 150,
@@ -207,7 +207,7 @@ def main(argv=None):
     prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in problems}
     batches = plan_batches(problems, prompts, args.batch_size, out.done)
     with tqdm(total=sum(len(b) for _, b in batches), desc=f"generate {args.style}", unit="q", disable=None) as bar, \
-            fast_linears(model):
+            fast_linears(model), CpuMeter() as meter, out:  # `out`: its part file is closed even on Ctrl-C
         for k, batch in batches:
             if generator is not None:
                 generator.manual_seed(args.seed * 1_000_003 + k)
@@ -224,7 +224,9 @@ def main(argv=None):
     out.finish(records)
     summary = summarize(records, args.model, args.style, runtime, param_counts(model), args.batch_size, max_new,
                         peak_memory_mb(device))
-    summary["stop_boxed"] = args.stop_boxed
+    summary.update(stop_boxed=args.stop_boxed, **meter.info())  # wall and CPU time of this run, others' CPU share
+    if meter.other is not None and meter.other > CONTENDED:
+        log(f"other processes used {meter.other:.0%} of the CPUs during this run: its speed is not comparable")
     log(f"{summary['n']} answers, {summary['new_tokens']} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:.1f} tok/s), peak {summary['peak_memory_mb']:.0f} MiB")
     if summary_path:

@@ -32,13 +32,15 @@ relative reconstruction error |WX - W'X|^2 / |WX|^2 on the calibration windows a
 import argparse
 import math
 import os
+import random
 import struct
 
 import torch
 from tqdm import tqdm
 
-from common.checkpoints import check_output_folder, lineage, save_model_folder, weights_fingerprint, write_safetensors
-from common.cli import ArgumentParser, CotpruneError, log, non_negative, positive, run_cli
+from common.checkpoints import (check_output_folder, lineage, masked_matrices, save_model_folder, weights_fingerprint,
+                                write_safetensors)
+from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli
 from common.files import read_jsonl, require_fields
 from common.layers import (block_linears, capture_block_inputs, decoder_layers, gated_mlps, gram_matrices,
                            input_groups, run_block)
@@ -62,6 +64,9 @@ def build_parser():
     p.add_argument("--n-samples", type=positive, default=64, help="calibration windows")
     p.add_argument("--seqlen", type=positive, default=512, help="tokens per calibration window")
     p.add_argument("--calib-batch", type=positive, default=8, help="calibration windows per forward pass")
+    p.add_argument("--calib-seed", type=count, default=0,
+                   help="calibration draw: 0 = the texts in file order; k > 0 = shuffled by seed k first (another "
+                        "draw of windows from the same file, for the method's run-to-run spread)")
     p.add_argument("--blocksize", type=positive, default=128, help="SparseGPT: columns per lazy-update block")
     p.add_argument("--percdamp", type=non_negative, default=0.01, help="SparseGPT: damping, as a share of mean(diag H)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
@@ -488,7 +493,10 @@ def main(argv=None):
     tok = load_tokenizer(args.model, args.trust_remote_code)
     windows = None
     if texts is not None:  # too little calibration text fails here, before the model is loaded
-        windows = pack_windows(tok, [r["text"] for r in texts], args.n_samples, args.seqlen)
+        order = list(range(len(texts)))
+        if args.calib_seed:
+            random.Random(args.calib_seed).shuffle(order)
+        windows = pack_windows(tok, [texts[i]["text"] for i in order], args.n_samples, args.seqlen)
     set_seed(args.seed)
     runtime = describe_runtime(device, dtype, args.seed, why)
     with Timer() as t_load:  # calibrated methods bring one block at a time to the device
@@ -513,6 +521,10 @@ def main(argv=None):
               "prune_embeddings": args.prune_embeddings, "source_model": args.model, **runtime,
               "save_dtype": str(save_dtype).replace("torch.", ""),
               "seconds": t_prune.seconds, **sparsity_report(mats, model)}
+    # Masks travel along the chain: the source's (a neuron-sliced or --sparsity 0 copy of a pruned model keeps
+    # them), plus the matrices this run zeroed.
+    own = {r["name"].removesuffix(".weight") for r in report["matrices"]} if sparsity and not neurons else set()
+    report["masked_matrices"] = sorted((masked_matrices(args.model) or set()) | own)
     if neurons:
         report["neurons"] = neurons
         log(f"{args.method}: kept {neurons['kept']} of {neurons['d_ff']} MLP neurons per layer (removed "
@@ -522,7 +534,7 @@ def main(argv=None):
         for row in report["matrices"]:
             row.update({k: v for k, v in by_name[row["name"]].items() if k != "name"})
         report.update(calib=args.calib, calib_source="+".join(sorted({str(r.get("source", "text")) for r in texts})),
-                      n_samples=args.n_samples, seqlen=args.seqlen)
+                      n_samples=args.n_samples, seqlen=args.seqlen, calib_seed=args.calib_seed)
     if not neurons:
         log(f"{args.method} {args.nm or args.scope} sparsity {sparsity}: {report['pruned_zeros']:,} of "
             f"{report['pruned_numel']:,} weights in {len(mats)} matrices are zero ({report['pruned_sparsity']:.4f}), "

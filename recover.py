@@ -31,10 +31,11 @@ import torch
 from tqdm import tqdm
 
 from common.chat import chat_messages, chat_prompt
-from common.checkpoints import check_output_folder, lineage, save_model_folder, write_safetensors
-from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
+from common.checkpoints import check_output_folder, lineage, masked_matrices, save_model_folder, write_safetensors
+from common.cli import (ArgumentParser, CotpruneError, count, log, non_negative, one_line, positive, positive_float,
+                        run_cli, share)
 from common.engine import eos_token_ids
-from common.files import read_json, read_jsonl, require_fields, write_jsonl
+from common.files import read_jsonl, require_fields, write_jsonl
 from common.layers import decoder_layers
 from common.models import load_model, load_tokenizer, model_source
 from common.runtime import (add_runtime_flags, Timer, describe_runtime, param_counts, peak_memory_mb, resolve_device,
@@ -57,9 +58,9 @@ def build_parser():
     p.add_argument("-o", "--out", required=True, help="output folder: merged model, adapter, loss log, report")
     p.add_argument("--targets", default=PROJECTIONS, help="comma-separated Linear names inside the decoder blocks")
     p.add_argument("--rank", type=positive, default=8, help="LoRA rank r")
-    p.add_argument("--alpha", type=non_negative, default=16, help="LoRA alpha; the update is scaled by alpha / r")
+    p.add_argument("--alpha", type=positive_float, default=16, help="LoRA alpha; the update is scaled by alpha / r")
     p.add_argument("--dropout", type=share, default=0.1, help="dropout on the LoRA input")
-    p.add_argument("--lr", type=non_negative, default=2e-5, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=positive_float, default=2e-5, help="peak learning rate (AdamW)")
     p.add_argument("--weight-decay", type=non_negative, default=0.0, help="AdamW weight decay on the adapters")
     p.add_argument("--epochs", type=non_negative, default=2, help="passes over the data (used when --max-steps is 0)")
     p.add_argument("--max-steps", type=count, default=0, help="optimiser steps; 0 = as many as --epochs take")
@@ -189,26 +190,10 @@ class LoRALinear(torch.nn.Module):
         return y + self.scale * torch.nn.functional.linear(low, self.lora_B.to(h.dtype))
 
 
-def pruned_matrices(folder):
-    """Names of the weight matrices that carry a pruning mask, from the checkpoint's own record: prune.py's report
-    (matrices it zeroed; neuron slicing leaves none) or recover.py's (masks it kept). None when cotprune did not
-    write the folder: then, and only then, zeros are counted (see add_lora)."""
-    for name, key in (("prune_report.json", None), ("recover_report.json", "masked_matrices")):
-        path = os.path.join(folder, name) if os.path.isdir(folder) else ""
-        if os.path.isfile(path):
-            report = read_json(path, name)
-            if key:
-                return set(report.get(key, []))
-            if str(report.get("method", "")).startswith("neuron") or not report.get("sparsity"):
-                return set()  # sliced neurons leave no zeros; a dense copy (sparsity 0) has none it made
-            return {r["name"].removesuffix(".weight") for r in report.get("matrices", [])}
-    return None
-
-
 def add_lora(model, targets, rank, alpha, dropout, keep_mask, mask_min=0.01, masked=None):
     """Wrap the target Linears inside the decoder blocks; freeze everything else. Returns {name: LoRALinear}.
 
-    With keep_mask, the matrices named in `masked` (pruned_matrices) keep their zeros: their update is masked.
+    With keep_mask, the matrices named in `masked` (common.checkpoints.masked_matrices) keep their zeros: their update is masked.
     masked None (a checkpoint cotprune did not write): a matrix whose share of exact zeros is at least mask_min
     counts as pruned; dense checkpoints hold a few zeros from quantisation (0.03 % in SmolLM2's GGUF; a Qwen2
     Q5_0/Q6_K file up to 20 % in one matrix), which is why the record is preferred."""
@@ -278,9 +263,12 @@ def load_checkpoint(folder, adapters, optimizer, settings):
     path = os.path.join(folder, "checkpoint.safetensors")
     if not os.path.exists(path):
         return 0
-    with safe_open(path, framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    saved = json.loads(meta["settings"])
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        saved = json.loads(meta["settings"])
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own type for a damaged header
+        raise CotpruneError(f"{path} is damaged or not recover.py's ({one_line(e)}); delete it to start over") from None
     diff = [k for k in settings if saved.get(k) != settings[k]]
     if diff:
         raise CotpruneError(f"{folder} holds a checkpoint made with other settings ({diff[0]}: {saved.get(diff[0])!r} "
@@ -381,7 +369,7 @@ def main(argv=None):
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
     examples = build_examples(tok, records, args.input, eos_token_ids(model, tok), args.max_length)
-    masked = pruned_matrices(args.model)
+    masked = masked_matrices(args.model)
     if masked is None and args.keep_mask:
         log(f"{args.model} has no cotprune prune report: matrices with >= {args.mask_min_sparsity:.2%} exact zeros "
             f"are taken as pruned (--mask-min-sparsity)")
@@ -430,6 +418,10 @@ def main(argv=None):
     report = {"stage": "recover", "source_model": args.model, **runtime, "rank": args.rank, "alpha": args.alpha,
               "keep_mask": args.keep_mask, **recovery_report(adapters, losses, merged, sparsity, len(examples),
                                                             t_train.seconds, peak_memory_mb(device))}
+    # The masks this folder carries on: the source's, less those trained away (an adapter without a mask), plus
+    # those kept; matrices without an adapter keep their zeros untouched.
+    report["masked_matrices"] = sorted(((masked or set()) - set(adapters))
+                                       | {n for n, a in adapters.items() if a.mask is not None})
     meta = {"cotprune_stage": "recover-adapter", "rank": str(args.rank), "alpha": str(args.alpha),
             "targets": ",".join(report["targets"]), "source_model": args.model}
     base, base_id = lineage(args.model, merged)

@@ -305,6 +305,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     name = "<stdin>" if args.input == "-" else args.input
     check_output_file(args.out)
+    if args.summary:
+        check_output_file(args.summary)
     records = read_jsonl(args.input, args.limit)
     check_records(records, name)
     scored = [score_record(r) for r in records]

@@ -14,12 +14,3 @@
 
 Nothing here is a pruning or scoring algorithm. A stage plus this folder can be copied into another project.
 """
-# Transitional: score.py and correlate.py still import from the package root.
-from common.checkpoints import *  # noqa: F401,F403
-from common.chat import *  # noqa: F401,F403
-from common.cli import *  # noqa: F401,F403
-from common.engine import *  # noqa: F401,F403
-from common.files import *  # noqa: F401,F403
-from common.layers import *  # noqa: F401,F403
-from common.models import *  # noqa: F401,F403
-from common.runtime import *  # noqa: F401,F403

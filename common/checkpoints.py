@@ -4,6 +4,7 @@
     write_safetensors / read_checkpoint_meta  byte-reproducible headers with cotprune metadata; tensor_index
     weights_fingerprint / folder_fingerprint  a model's identity from the tensors pruning never touches
     lineage                                   (base model, base id) carried along a chain of stages
+    masked_matrices                           which matrices carry a pruning mask, from the folder's own record
 """
 import json
 import os
@@ -12,7 +13,7 @@ import shutil
 import struct
 
 from common.cli import CotpruneError, one_line
-from common.files import atomic_open, check_parent_writable, write_json
+from common.files import atomic_open, check_parent_writable, read_json, write_json
 
 
 FORMAT_VERSION = "1"  # bump when the checkpoint metadata or a JSONL contract changes incompatibly
@@ -129,6 +130,26 @@ def lineage(model_spec, model):
     base = meta.get("cotprune_args", {}).get("base_model") or (
         os.path.abspath(model_spec) if os.path.isdir(model_spec) else model_spec)
     return base, meta.get("cotprune_base_id") or weights_fingerprint(model.state_dict().items())
+
+
+def masked_matrices(folder):
+    """Names (without '.weight') of the matrices whose zeros are a pruning mask, from the folder's own record:
+    `masked_matrices` in prune_report.json or recover_report.json, which each stage carries along the chain (a
+    --sparsity 0 copy or a neuron-sliced copy of a pruned model keeps its source's masks). None when cotprune did
+    not write the folder: only then may a caller fall back to counting zeros."""
+    for name in ("prune_report.json", "recover_report.json"):
+        path = os.path.join(folder, name) if os.path.isdir(folder) else ""
+        if os.path.isfile(path):
+            report = read_json(path, name)
+            if not isinstance(report.get("masked_matrices", []), list):
+                raise CotpruneError(f"{path}: masked_matrices is not a list")
+            if "masked_matrices" in report:
+                return set(report["masked_matrices"])
+            if name == "recover_report.json" or str(report.get("method", "")).startswith("neuron") \
+                    or not report.get("sparsity"):
+                return set()  # reports from before masks were carried along: these made none
+            return {r["name"].removesuffix(".weight") for r in report.get("matrices", [])}
+    return None
 
 
 def _is_stage_folder(path, stage):

@@ -2,9 +2,11 @@
 
     CotpruneError   a problem the user can fix: printed as one line, exit status 2, no traceback
     run_cli         runs a stage's main(): one-line errors, Ctrl-C and SIGTERM unwind, `| head` stays quiet
-    ArgumentParser  argparse whose usage errors are one line; count / positive / non_negative / share check numbers
+    ArgumentParser  argparse whose usage errors are one line; count / positive / non_negative / positive_float /
+                    share check numbers (finite, in range) at parse time
 """
 import argparse
+import math
 import os
 import sys
 
@@ -36,7 +38,7 @@ def _number(kind, low, high=None, low_open=False, what=""):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if v != v or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+        if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
             raise argparse.ArgumentTypeError(f"{text} is out of range ({what})")
         return v
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -49,7 +51,10 @@ count = _number(int, 0, what="a whole number >= 0")  # --limit, --tokens ...: 0 
 positive = _number(int, 1, what="a whole number >= 1")  # --batch-size, --max-new-tokens ...
 
 
-non_negative = _number(float, 0.0, what="a number >= 0")  # --temperature ...
+non_negative = _number(float, 0.0, what="a finite number >= 0")  # --temperature ...
+
+
+positive_float = _number(float, 0.0, low_open=True, what="a finite number > 0")  # --alpha, --lr ...
 
 
 share = _number(float, 0.0, 1.0, what="a number in [0, 1]")  # --top-p, --dropout ...

@@ -20,8 +20,9 @@ def atomic_open(path, mode="w"):
     '-' is stdout. On any exception the temporary file is removed and nothing is left behind.
     """
     if path == "-":
-        yield sys.stdout
-        sys.stdout.flush()
+        out = sys.stdout.buffer if "b" in mode else sys.stdout
+        yield out
+        out.flush()
         return
     import tempfile
     if os.path.isdir(path):
@@ -188,28 +189,51 @@ class JsonlAppender:
         if os.path.lexists(self.part):
             self._resume()
 
+    def _lock(self, f):
+        """Hold an exclusive advisory lock on the part file for as long as this run has it open: a second run of
+        the same command would otherwise append to it too, and records would be duplicated."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            self.f = None
+            raise CotpruneError(f"another run is writing {self.part}: wait for it to finish or stop it") from None
+
     def _resume(self):
         if not os.path.isfile(self.part):
             raise CotpruneError(f"{self.part} exists and is not a file: move it away")
+        self.f = open(self.part, "a", encoding="utf-8")
+        self._lock(self.f)
         good, lines = 0, open(self.part, "rb").read().split(b"\n")
         for lineno, line in enumerate(lines[:-1], 1):  # the last piece has no newline: torn or empty, dropped
             try:
                 rec = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
+                self.close()
                 raise CotpruneError(f"{self.part}:{lineno}: damaged partial output; delete it to start over") from None
             if lineno == 1:
-                self._check_header(rec)
+                try:
+                    self._check_header(rec)
+                except CotpruneError:
+                    self.close()
+                    raise
             elif not isinstance(rec, dict) or "id" not in rec:
+                self.close()
                 raise CotpruneError(f"{self.part}:{lineno}: damaged partial output; delete it to start over")
             else:
                 self.records.append(rec)
                 self.done.add(rec["id"])
             good += len(line) + 1
         if good == 0:  # not even a header: nothing was kept
+            self.f.close()
+            self.f = None
             os.unlink(self.part)
             return
         os.truncate(self.part, good)
-        self.f = open(self.part, "a", encoding="utf-8")
 
     def _check_header(self, rec):
         saved = rec.get(self.HEADER) if isinstance(rec, dict) else None
@@ -229,11 +253,26 @@ class JsonlAppender:
             return
         if self.f is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self.f = open(self.part, "x", encoding="utf-8")  # "x": never into a file another run just made
+            try:
+                self.f = open(self.part, "x", encoding="utf-8")  # "x": never into a file another run just made
+            except FileExistsError:
+                raise CotpruneError(f"another run created {self.part} while this one worked: run one at a time")
+            self._lock(self.f)
             self.f.write(dumps({self.HEADER: self.settings}) + "\n")
         self.f.write(lines)
         self.f.flush()
         os.fsync(self.f.fileno())
+
+    def close(self):
+        """Close the part file (releasing its lock) without publishing; a rerun continues from it."""
+        if self.f is not None and not self.f.closed:
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def finish(self, records=None):
         """Publish the output: `records` (e.g. put back in input order) if given, else what was appended."""

@@ -3,6 +3,7 @@
     resolve_device / resolve_dtype / cpu_bf16    auto = the fastest supported choice, with the reason in words
     describe_runtime / runtime_info              printed once on stderr, written into summaries and metadata
     set_seed / peak_memory_mb / param_counts / Timer
+    CpuMeter                                     wall and CPU time, and how much of the machine others used meanwhile
 """
 import os
 import random
@@ -182,3 +183,42 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+CONTENDED = 0.10  # a run is flagged when other processes took more than this share of the machine's CPU time
+
+
+def _machine_busy_seconds():
+    """CPU seconds all processes (and the hypervisor's steal) have used since boot, from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """Measures a block: wall seconds, this process's CPU seconds, and the share of the machine's CPU time that other
+    processes used meanwhile (other_cpu_share; None where /proc/stat is missing). Speeds measured with another job
+    on the cores are not comparable with quiet ones: `contended` flags them (share > CONTENDED)."""
+
+    def __enter__(self):
+        self.t0, self.own0, self.busy0 = time.perf_counter(), self._own(), _machine_busy_seconds()
+        return self
+
+    @staticmethod
+    def _own():
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.t0, self._own() - self.own0
+        busy = _machine_busy_seconds()
+        self.other = None
+        if busy is not None and self.busy0 is not None and self.wall > 0:
+            self.other = max(0.0, busy - self.busy0 - self.cpu) / (self.wall * (os.cpu_count() or 1))
+
+    def info(self):
+        return {"wall_seconds": self.wall, "cpu_seconds": self.cpu, "cpus": os.cpu_count(),
+                "other_cpu_share": self.other, "contended": None if self.other is None else self.other > CONTENDED}

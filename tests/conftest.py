@@ -42,3 +42,11 @@ def run_script(script, *args, stdin=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], input=stdin, capture_output=True,
                           text=True, env=env, cwd=ROOT)
+
+
+def one_line_error(r, prog=None, logged=0):
+    """Exit 2, no traceback, and stderr is one error line (after `logged` progress lines of a run that had begun)."""
+    prog = prog or os.path.basename(r.args[1])
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("Loading weights")]
+    return (r.returncode == 2 and len(lines) == 1 + logged and lines[-1].startswith(f"{prog}: error:")
+            and "Traceback" not in r.stderr)

@@ -150,3 +150,16 @@ def test_argparse_errors_are_one_line():
             p.parse_args(["--limit", "-1"])
     assert e.value.code == 2
     assert buf.getvalue().count("\n") == 1 and buf.getvalue().startswith("x.py: error: argument --limit")
+
+
+def test_a_second_run_cannot_write_the_same_part_file(tmp_path):
+    """Two runs of one command at once: the second is refused instead of appending duplicates to OUT.part."""
+    p = str(tmp_path / "g.jsonl")
+    a = JsonlAppender(p, {"k": 1})
+    a.write([{"id": 1}])
+    with pytest.raises(CotpruneError, match="another run is writing"):
+        JsonlAppender(p, {"k": 1})
+    a.close()  # as when the first run stops: now a rerun continues its work
+    b = JsonlAppender(p, {"k": 1})
+    assert b.done == {1}
+    b.close()

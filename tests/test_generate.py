@@ -8,11 +8,11 @@ import torch
 
 import common.engine as engine
 from common.chat import CHAT_INSTRUCTION
-from common.runtime import BF16_ENV
+from common.runtime import BF16_ENV, resolve_dtype
 import generate
 from common.engine import decode
 from common.models import load_model, load_tokenizer
-from conftest import run_script
+from conftest import one_line_error, run_script
 
 
 def problems_file(tmp_path, n=6):
@@ -241,13 +241,6 @@ def test_stop_boxed_fires_at_the_closing_brace(tiny_llama):
     assert generate.stop_checker(tok, [], boxed=False) is None
 
 
-def one_line_error(r, prog="generate.py", logged=0):
-    """Exit 2, no traceback, and stderr is one error line (after `logged` progress lines of a run that had begun)."""
-    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("Loading weights")]
-    return (r.returncode == 2 and len(lines) == 1 + logged and lines[-1].startswith(f"{prog}: error:")
-            and "Traceback" not in r.stderr)
-
-
 def test_resume_with_other_flags_is_refused(tmp_path, tiny_llama, monkeypatch):
     """A leftover OUT.part made with --max-new-tokens 6 is not merged into a run asking for 2 tokens."""
     src = problems_file(tmp_path, 4)
@@ -258,8 +251,11 @@ def test_resume_with_other_flags_is_refused(tmp_path, tiny_llama, monkeypatch):
         generate.main(["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2", src,
                        "-o", str(out)])
     part = (tmp_path / "gen.jsonl.part").read_text()
+    # the settings hold the resolved dtype, so the other dtype is the one that auto does not pick on this CPU
+    auto = str(resolve_dtype("auto", torch.device("cpu"))[0]).replace("torch.", "")
+    other = "float32" if auto == "bfloat16" else "bfloat16"
     for flag in (["--max-new-tokens", "2"], ["--temperature", "0.5"], ["--style", "cot"], ["--batch-size", "3"],
-                 ["--stop-boxed"], ["--dtype", "bfloat16"]):
+                 ["--stop-boxed"], ["--dtype", other]):
         argv = ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2", src,
                 "-o", str(out)]
         for k in range(0, len(flag), 2):

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import prune
 import recover
+from common.checkpoints import masked_matrices
 from common.engine import eos_token_ids
 from common.layers import block_linears
 from conftest import run_script
@@ -204,19 +205,39 @@ def test_masks_come_from_the_prune_report_not_from_zeros(tmp_path, tiny_llama):
     zeros = tmp_path / "zeros"
     model.save_pretrained(zeros)
     AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(zeros)
-    assert recover.pruned_matrices(str(zeros)) is None  # not cotprune's: zero counting is the stated fallback
+    assert masked_matrices(str(zeros)) is None  # not cotprune's: zero counting is the stated fallback
     dense, sparse = str(tmp_path / "dense"), str(tmp_path / "sparse")
     prune.main(["--model", str(zeros), "--sparsity", "0", "-o", dense])
     prune.main(["--model", dense, "--sparsity", "0.5", "-o", sparse])
-    assert recover.pruned_matrices(dense) == set()
+    assert masked_matrices(dense) == set()
     names = {n for n, _ in block_linears(load(sparse))}
-    assert recover.pruned_matrices(sparse) == names
+    assert masked_matrices(sparse) == names
     m = load(dense)
-    adapters = recover.add_lora(m, {"k_proj"}, 4, 8, 0.0, keep_mask=True, masked=recover.pruned_matrices(dense))
+    adapters = recover.add_lora(m, {"k_proj"}, 4, 8, 0.0, keep_mask=True, masked=masked_matrices(dense))
     assert all(a.mask is None for a in adapters.values())
     m = load(sparse)
-    adapters = recover.add_lora(m, {"k_proj"}, 4, 8, 0.0, keep_mask=True, masked=recover.pruned_matrices(sparse))
+    adapters = recover.add_lora(m, {"k_proj"}, 4, 8, 0.0, keep_mask=True, masked=masked_matrices(sparse))
     assert all(a.mask is not None for a in adapters.values())
+
+
+def test_masks_travel_along_the_chain(tmp_path, tiny_llama):
+    """A --sparsity 0 copy (a dtype change, say) and a neuron-sliced copy of a pruned model keep its masks, and so
+    does recover.py's output: the zeros are never taken for dense weights further down the chain."""
+    sparse, copy, sliced = (str(tmp_path / n) for n in ("sparse", "copy", "sliced"))
+    prune.main(["--model", tiny_llama, "--sparsity", "0.5", "-o", sparse])
+    names = masked_matrices(sparse)
+    assert names == {n for n, _ in block_linears(load(sparse))}
+    prune.main(["--model", sparse, "--sparsity", "0", "--save-dtype", "bfloat16", "-o", copy])
+    prune.main(["--model", sparse, "--method", "neuron-random", "--sparsity", "0.25", "--multiple", "16",
+                "-o", sliced])
+    assert masked_matrices(copy) == masked_matrices(sliced) == names
+    data = write_set(tmp_path, 4)
+    out = str(tmp_path / "rec")
+    run_recover(copy, data, out, "--max-steps", "1", "--targets", "q_proj")
+    assert masked_matrices(out) == names  # q_proj trained masked, the rest untouched
+    rec = load(out)
+    assert float((rec.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert float((rec.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
 def test_adapter_file_is_byte_reproducible(tmp_path, tiny_llama):
