@@ -219,7 +219,8 @@ def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles
     g = lambda m, key, d: fmt((gen(m) or {}).get(key), d)  # noqa: E731
     t1 = [[m["label"]] + [cell(est.get((m["model"], st, "F"))) for st in ("direct", "cot")]
           + [cell(est.get((m["model"], st, "accuracy"))) for st in ("direct", "cot")]
-          + [g(m["model"], "nonzero_mb", 1), g(m["model"], "peak_memory_mb", 0), g(m["model"], "seconds_per_problem", 2),
+          + [g(m["model"], "nonzero_mb", 1), g(m["model"], "peak_memory_mb", 0),
+             g(m["model"], "seconds_per_problem", 2),
              g(m["model"], "tokens_per_s", 1) + contention_mark(gen(m["model"])),
              cell(est.get((m["model"], "cot", "trap_rate")), 2)] for m in models]
     cmp = {}
@@ -259,7 +260,8 @@ def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles
         "### Table 1b: each pruned model against the dense one",
         "Pruned − dense. " + holm_note(m_holm),
         table(["Prune", "Δ F No CoT", "Δ F CoT", "Δ Acc CoT", "Δ Traps CoT"], t1b),
-        "The paper's Table 1, quoted for comparison (" + ref["source"] + "; its Mem column grows with sparsity):", paper1,
+        f"The paper's Table 1, quoted for comparison ({ref['source']}; its Mem column grows with sparsity):",
+        paper1,
         "### Table 2: correlation of similarity with the faithfulness drop ΔF = F(M0) − F(Mp)",
         f"Over the {len(rows)} pruned models, with a 95 % interval from resampling the problems (the same "
         "resample for every model, ΔF and the coefficient recomputed). A positive coefficient means the metric "

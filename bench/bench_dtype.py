@@ -6,8 +6,8 @@
 Both dtypes decode the same tokenised prompts greedily to the same cap with generate.py's decoder (fast_linears
 included, as generate.py uses it); the runs alternate (float32, bfloat16, float32, ...) and the best time of each
 counts, so a busy core hurts both alike. Prints tokens/s per dtype, the dtype `auto` resolves to and why, and
-whether auto is within 10 % of the faster one. The cap is small because bfloat16 can be 5-60x slower than float32
-on CPUs without native bfloat16. A script that prints numbers, not a test.
+whether auto is within 10 % of the faster one. The cap is small because bfloat16 can be several times slower than
+float32 on CPUs without native bfloat16. A script that prints numbers, not a test.
 """
 import argparse
 import os

@@ -9,7 +9,9 @@
     chat         the one chat format of evaluation, calibration and recovery
     mathtext     reading arithmetic in model-written math: LaTeX, '=' claims, stated numbers (linear time)
     engine       the generation engine (decode, packed linears): the code that leans on library internals
-    stats        intervals and paired tests for the reports (numpy only)
+    stats        intervals and paired tests (numpy only)
+    reports      what the study reports share: records in, estimates with intervals, paired comparisons, markdown
+    studies      the RAC and neuron study reports (correlate.py --study rac | neurons)
     sandbox      running model-written code with limits, for HumanEval
 
 Nothing here is a pruning or scoring algorithm. A stage plus this folder can be copied into another project.

@@ -240,8 +240,8 @@ def cell(e, digits=3, scale=1.0):
 
 
 def diff_cell(c, digits=3, scale=1.0, key="diff"):
-    """'−0.144 [−0.190, −0.100] p 0.001 *': a paired difference (or ratio), its interval and raw p; * = significant
-    after the Holm correction of its table."""
+    """'−0.144 [−0.190, −0.100] p 0.001 *': a paired difference (or ratio), its interval and raw p; * =
+    significant after the Holm correction of its table."""
     if c is None:
         return "—"
     sign = lambda v: fmt(v, digits, scale).replace("-", "−")  # noqa: E731

@@ -48,6 +48,9 @@ def add_runtime_flags(parser, dtype_help, seed_help):
 
 
 BF16_ENV = "COTPRUNE_CPU_BF16"  # 1 / 0 overrides the CPU bfloat16 check (tests and CI force both paths with it)
+# oneDNN's own cap on the instructions it may use: ONEDNN_MAX_CPU_ISA=AVX2 on an avx512_bf16 CPU makes torch's bfloat16
+# matmuls 2.5-4x slower than float32 (measured), exactly as on an AVX2-only CPU, so the flags no longer decide.
+ISA_ENVS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def cpu_flags():
@@ -87,9 +90,11 @@ _CPU_BF16 = None  # (native, reason), decided once per process
 def cpu_bf16():
     """(True if bfloat16 is both supported and fast on this CPU, the reason in words).
 
-    Native bfloat16 (avx512_bf16, AMX, Arm bf16) runs matmuls about 2x faster than float32 there; on CPUs without
-    it (AVX2-class x86: most laptops before 2022, AMD Zen 2/3, many cloud VMs) torch emulates bfloat16 5-60x slower
-    than float32. AVX-512 without bf16, and CPUs whose flags cannot be read, are settled by a timed probe.
+    Where bfloat16 is native (avx512_bf16, AMX, Arm bf16) it is the faster dtype (1.8-3.2x float32 measured on a
+    Zen 4 EPYC); on CPUs without it (AVX2-class x86: most laptops before 2022, AMD Zen 2/3, many cloud VMs) torch
+    emulates bfloat16, several times slower than float32 (docs/methods.md, "Devices and dtypes", has the figures).
+    AVX-512 without bf16, CPUs whose flags cannot be read, and a oneDNN capped by ONEDNN_MAX_CPU_ISA are settled
+    by a timed probe.
     """
     global _CPU_BF16
     if _CPU_BF16 is None:
@@ -99,6 +104,10 @@ def cpu_bf16():
             _CPU_BF16 = forced == "1", f"{BF16_ENV}={forced}"
         elif forced:
             raise CotpruneError(f"{BF16_ENV} must be 0 or 1 (or unset), got {forced!r}")
+        elif cap := next((f"{k}={os.environ[k]}" for k in ISA_ENVS if os.environ.get(k, "").strip()), None):
+            fast, ratio = _bf16_probe()
+            _CPU_BF16 = fast, (f"{cap} caps oneDNN: a timed probe found bfloat16 matmuls {ratio:.2f}x the speed of "
+                               f"float32 here")
         elif flags is not None and flags & {"avx512_bf16", "amx_bf16", "bf16"}:
             _CPU_BF16 = True, "this CPU has native bfloat16 (" + ", ".join(
                 sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})) + ")"

@@ -12,8 +12,8 @@ import os
 from common.checkpoints import read_checkpoint_meta
 from common.cli import CotpruneError
 from common.files import read_json
-from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, interval, mdd_paragraph,
-                            model_key, paper, perplexity_compare, perplexity_estimate, table, with_sd)
+from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, interval,
+                            mdd_paragraph, model_key, paper, perplexity_compare, perplexity_estimate, table, with_sd)
 
 RAC_LABELS = {("magnitude", ""): "magnitude", ("wanda", "text"): "Wanda, generic text",
               ("sparsegpt", "text"): "SparseGPT, generic text", ("sparsegpt", "prompts"): "SparseGPT, prompt-only",

@@ -17,6 +17,8 @@ GRAVITON3 = {"fp", "asimd", "sve", "bf16", "i8mm"}
 def cpu(monkeypatch):
     """Simulate a CPU: its /proc/cpuinfo flags and, for the ambiguous ones, what the timed probe finds."""
     monkeypatch.delenv(runtime.BF16_ENV, raising=False)
+    for name in runtime.ISA_ENVS:  # CI caps oneDNN in one of its runs; these tests simulate CPUs themselves
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(runtime, "_CPU_BF16", None)
     probes = []
 
@@ -65,6 +67,32 @@ def test_environment_forces_either_path(cpu, monkeypatch):
     monkeypatch.setenv(runtime.BF16_ENV, "yes")
     with pytest.raises(CotpruneError, match="must be 0 or 1"):
         resolve_dtype("auto", CPU)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_capped_onednn_is_settled_by_the_probe_whatever_the_flags(cpu, monkeypatch, fast):
+    probes = cpu(SAPPHIRE_RAPIDS, probe_fast=fast)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    dtype, why = resolve_dtype("auto", CPU)
+    assert dtype == (torch.bfloat16 if fast else torch.float32) and len(probes) == 1
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN" in why
+
+
+def test_onednn_capped_at_avx2_really_takes_the_slow_path(tmp_path):
+    """Not simulated: with oneDNN capped at AVX2, torch emulates bfloat16 on any x86 CPU, and refuses the packed
+    linears; auto must then be float32 and fast_linears must step aside (as on an AVX2-only laptop)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    code = ("import torch, common.runtime as r, common.engine as e\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)\n"
+            "with e.fast_linears(m) as packed: print(r.resolve_dtype('auto', torch.device('cpu'))[0], packed)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != runtime.BF16_ENV}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**env, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert r.returncode == 0, r.stderr
+    if torch.backends.mkldnn.is_available() and __import__("platform").machine() in ("x86_64", "AMD64"):
+        assert r.stdout.split() == ["torch.float32", "False"]
 
 
 def test_explicit_dtype_is_kept_whatever_the_cpu(cpu):
