@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common.chat import chat_prompt
 from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
-from common.engine import decode, eos_token_ids, fast_linears
+from common.engine import eos_token_ids, fast_linears, row_generator, run
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_jsonl
 from common.layers import gated_mlps
 from common.models import load_model, load_tokenizer, model_source, resolved_model
@@ -96,34 +96,39 @@ def text_records(tokenizer, records, source):
     return out
 
 
-def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_tokens, sampling, seed, generator):
-    """Sample traces batch by batch in file order until `budget` tokens (0 = all) are collected; appends to `out`.
-
-    sampling: (temperature, top_k, top_p)."""
+def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_tokens, sampling, seed, device):
+    """Sample traces of the problems in file order until the finished traces at the head of the file hold `budget`
+    tokens (0 = all); appends each to `out` as it finishes. Each trace draws from its own generator, seeded by the
+    seed and the problem's id (common.engine.row_generator), so a trace does not depend on its batch-mates and an
+    interrupted run resumes to the same set. sampling: (temperature, top_k, top_p)."""
     eos = eos_token_ids(model, tokenizer)
-    total = sum(r["tokens"] for r in out.records)
-    plan = [problems[i: i + batch_size] for i in range(0, len(problems), batch_size)]
-    with tqdm(total=budget or None, initial=total, desc="trace tokens", unit="tok", disable=None) as bar, \
-            fast_linears(model):
-        for k, batch in enumerate(plan):
-            if budget and total >= budget:
+    todo = [p for p in problems if p["id"] not in out.done]
+    prompts = {p["id"]: chat_prompt(tokenizer, p["question"]) for p in todo}
+    tokens = {r["id"]: r["tokens"] for r in out.records}
+
+    def head_tokens():  # tokens of the finished traces before the first unfinished one, in file order
+        total = 0
+        for p in problems:
+            if p["id"] not in tokens:
                 break
-            todo = [p for p in batch if p["id"] not in out.done]
-            if not todo:
-                continue
-            generator.manual_seed(seed * 1_000_003 + k)  # the same stream for a batch, resumed or not
-            prompts = [chat_prompt(tokenizer, p["question"]) for p in todo]
-            results = decode(model, [ids for _, ids in prompts], max_new_tokens, eos, tokenizer.pad_token_id,
-                             None, *sampling, generator)
-            recs = []
-            for p, (text, ids), (new, reason) in zip(todo, prompts, results):
-                trace = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
-                recs.append({"id": p["id"], "source": "traces", "prompt": text, "trace": trace,
-                             "text": text + trace, "prompt_tokens": len(ids), "trace_tokens": len(new),
-                             "tokens": len(ids) + len(new), "stop": reason})
-            out.write(recs)
-            total += sum(r["tokens"] for r in recs)
-            bar.update(sum(r["tokens"] for r in recs))
+            total += tokens[p["id"]]
+        return total
+    if budget and head_tokens() >= budget:
+        return
+    requests = [(p["id"], prompts[p["id"]][1], row_generator(device, seed, p["id"])) for p in todo]
+    with tqdm(total=budget or None, initial=head_tokens(), desc="trace tokens", unit="tok", disable=None) as bar, \
+            fast_linears(model):
+        for key, new, reason, _ in run(model, requests, max_new_tokens, eos, tokenizer.pad_token_id, batch_size,
+                                       None, *sampling):
+            text, ids = prompts[key]
+            trace = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
+            out.write([{"id": key, "source": "traces", "prompt": text, "trace": trace, "text": text + trace,
+                        "prompt_tokens": len(ids), "trace_tokens": len(new), "tokens": len(ids) + len(new),
+                        "stop": reason}])
+            tokens[key] = len(ids) + len(new)
+            bar.update(head_tokens() - bar.n)
+            if budget and head_tokens() >= budget:
+                break  # the rows still in flight are not needed: the head of the file holds the budget
 
 
 def prompt_texts(records, name):
@@ -267,7 +272,7 @@ def main(argv=None):
     model = load_model(args.model, device, dtype, args.trust_remote_code)
     with out:  # its part file is closed even on Ctrl-C, so a rerun in this process can take its lock
         collect_traces(model, tok, records, out, args.tokens, args.batch_size, args.max_new_tokens,
-                       (args.temperature, args.top_k, args.top_p), args.seed, torch.Generator(device))
+                       (args.temperature, args.top_k, args.top_p), args.seed, device)
     order = {r["id"]: k for k, r in enumerate(records)}
     chosen = take_until(sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]]),
                         args.tokens)

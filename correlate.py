@@ -34,7 +34,7 @@ from common.checkpoints import folder_fingerprint, read_checkpoint_meta, tensor_
 from common.cli import ArgumentParser, CotpruneError, log, run_cli
 from common.files import atomic_open, check_parent_writable, read_json, write_json
 from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, index_records,
-                            index_summaries, interval, mdd_paragraph, model_key, paper, table, to_json, with_sd)
+                            index_summaries, interval, mdd_paragraph, model_key, paper, signed, table, to_json, with_sd)
 from common.studies import CONTENTION_NOTE, contention_mark, neuron_report, rac_report
 
 HIST_BINS, HIST_RANGE = 256, (-0.1, 0.1)  # asand §3
@@ -279,14 +279,15 @@ def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles
 
 
 def magnitude_claims(rows, cmp, versus, styles, est, base, n, rec):
-    lines = []
+    lines, ref = [], {row[0]: row[2] for row in paper("asand")["table1"]}  # sparsity -> the paper's CoT F
     for r in [r for r in rows if r["nm"] is None and r["sparsity"] <= 0.05]:
-        c = cmp.get((r["label"], "cot", "F"))
-        if c:
-            lines.append(claim("Light pruning raises CoT faithfulness (the paper: F 0.637 → 0.723 at λ = 0.01).",
-                               f"ΔF = {interval(c)} at λ = {r['label']}", c["lo"], c["hi"], +1,
-                               "; a gain as large as the paper's (+0.086) lies above the interval"
-                               if c["hi"] < 0.086 else ""))
+        c, theirs = cmp.get((r["label"], "cot", "F")), ref.get(r["sparsity"])
+        if c and theirs is not None:
+            gain = theirs - ref[0.0]
+            lines.append(claim(f"Light pruning raises CoT faithfulness (the paper at λ = {r['label']}: F "
+                               f"{ref[0.0]:.3f} → {theirs:.3f}).", f"ΔF = {interval(c)}", c["lo"], c["hi"], +1,
+                               f"; a gain as large as the paper's ({signed(gain)}) lies above the interval"
+                               if c["hi"] < gain else ""))
     heavy = [r for r in rows if r["nm"] is None and r["sparsity"] >= 0.5]
     if heavy and (c := cmp.get((heavy[0]["label"], "cot", "F"))):
         lines.append(claim("CoT faithfulness collapses by λ = 0.5 (the paper: F 0.637 → 0.100).",

@@ -1,4 +1,4 @@
-"""Generate answers to GSM8K-style questions with a model, in batches, resumably.
+"""Generate answers to GSM8K-style questions with a model, continuously batched, resumably.
 
     python generate.py --model out/M0 --style cot data/gsm8k/test.jsonl --limit 50 -o gen/cot-M0.jsonl
     python generate.py --model embedded --style chat --limit 5 data/gsm8k/test.jsonl | python score.py - > scored.jsonl
@@ -7,10 +7,12 @@
 
 Input records need `id` and `question`; every other field (the gold `answer`, say) passes through. Each output
 record adds: style, model, prompt, output, prompt_tokens, new_tokens (the EOS included), stop ('eos', 'length',
-or 'stop' for a stop string or, with --stop-boxed, a closed \\boxed{}), seconds (the batch's wall time shared
-evenly among its rows). Prompts run longest-first in batches, so rows of similar length pad little. An
-interrupted run keeps what it finished in OUT.part; the same command again continues there. A summary (wall
-time, tokens/s, peak memory, non-zero parameters) goes to OUT.summary.json, or to --summary.
+or 'stop' for a stop string or, with --stop-boxed, a closed \\boxed{}), seconds (from the row's prefill to its
+last token). --batch-size rows decode together, each in its own slot of a static KV cache; when one ends the next
+prompt is prefilled into its slot at once (common/engine.py; models it cannot drive run in static batches). An
+interrupted run keeps what it finished in OUT.part, record by record; the same command again continues there. A
+summary (wall and CPU time, tokens/s, prefill and decode shares, busy slots, peak memory, non-zero parameters)
+goes to OUT.summary.json, or to --summary.
 
 --perplexity generates nothing: it teacher-forces the `trace` of each input record after its `prompt` (records from
 calibrate.py --source traces) and writes each record's summed negative log-likelihood `nll` and `trace_tokens`;
@@ -25,11 +27,11 @@ import torch
 from tqdm import tqdm
 
 from common.chat import chat_prompt
-from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
-from common.engine import decode, eos_token_ids, fast_linears
+from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, run_cli, share
+from common.engine import Engine, default_slots, engine_supported, eos_token_ids, fast_linears, row_generator, run
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_json, write_jsonl
 from common.models import load_model, load_tokenizer, model_source, resolved_model
-from common.runtime import (CONTENDED, CpuMeter, Timer, add_runtime_flags, describe_runtime, param_counts,
+from common.runtime import (CONTENDED, CpuMeter, add_runtime_flags, describe_runtime, param_counts,
                             peak_memory_mb, resolve_device, resolve_dtype, runtime_info, set_seed)
 
 STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
@@ -58,7 +60,9 @@ def build_parser():
     p.add_argument("--stop-boxed", action=argparse.BooleanOptionalAction, default=False,
                    help="stop once the output holds a complete \\boxed{...} answer (the neuron paper's mitigation "
                         "of Type 1 traps)")
-    p.add_argument("--batch-size", type=positive, default=16, help="prompts per forward pass")
+    p.add_argument("--batch-size", type=count, default=0,
+                   help="slots: rows decoded together (a finished row's slot takes the next prompt at once); "
+                        "0 = as many as memory allows, at most 64 on a CPU")
     p.add_argument("--limit", type=count, default=0, help="first N input records; 0 = all")
     p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=count, default=0, help="sampling: keep the k most likely tokens; 0 = all")
@@ -109,36 +113,32 @@ def finish_text(tokenizer, ids, eos_ids, stops):
     return text[: min(cuts)] if cuts else text
 
 
-def plan_batches(problems, prompts, batch_size, done):
-    """[(plan index, batch)] of the problems not yet done, longest prompt first so that a batch pads little.
-
-    The plan covers every problem and only then skips finished batches, so a resumed run batches exactly as an
-    uninterrupted one: in bfloat16 a row's tokens can depend on the rows it shares a batch with. Sampling
-    reseeds per plan index for the same reason.
-    """
-    ordered = sorted(problems, key=lambda p: -len(prompts[p["id"]][1]))
-    plan = [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
-    return [(k, [p for p in batch if p["id"] not in done]) for k, batch in enumerate(plan)
-            if any(p["id"] not in done for p in batch)]
-
-
-def trace_nll(model, prompt_ids, trace_ids):
-    """Summed negative log-likelihood (nats) of trace_ids following prompt_ids, one forward pass."""
-    ids = torch.tensor([prompt_ids + trace_ids], device=model.device)
+def trace_nll(model, prompt_ids, trace_ids, engine=None):
+    """Summed negative log-likelihood (nats) of trace_ids following prompt_ids: one teacher-forced pass, through
+    the engine's chunked prefill where it drives the model, else the model's own forward."""
     with torch.inference_mode():
-        logits = model(input_ids=ids, logits_to_keep=len(trace_ids) + 1).logits[0, :-1].float()  # [T, V]
-    return float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids):], reduction="sum"))
+        if engine is not None:
+            logits = engine.prefill(0, prompt_ids + trace_ids, keep=len(trace_ids) + 1)[:-1]  # [T, V]
+        else:
+            ids = torch.tensor([prompt_ids + trace_ids], device=model.device)
+            logits = model(input_ids=ids, logits_to_keep=len(trace_ids) + 1).logits[0, :-1].float()
+    target = torch.tensor(trace_ids, device=logits.device)
+    return float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
 
 
 def trace_perplexities(model, tokenizer, records, model_name):
     """[{id, model, nll, trace_tokens}]: each record's `trace` scored teacher-forced after its `prompt`."""
+    pairs = [(r, tokenizer(r["prompt"], add_special_tokens=False)["input_ids"],
+              tokenizer(r["trace"], add_special_tokens=False)["input_ids"]) for r in records]
+    pairs = [(r, p, t) for r, p, t in pairs if t]
+    engine = None
+    if pairs and engine_supported(model)[0]:
+        engine = Engine(model, 1, max(len(p) + len(t) for _, p, t in pairs) + 1)
     out = []
     with fast_linears(model):
-        for r in tqdm(records, desc="perplexity", unit="trace", disable=None):
-            p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-            t = tokenizer(r["trace"], add_special_tokens=False)["input_ids"]
-            if t:
-                out.append({"id": r["id"], "model": model_name, "nll": trace_nll(model, p, t), "trace_tokens": len(t)})
+        for r, p, t in tqdm(pairs, desc="perplexity", unit="trace", disable=None):
+            out.append({"id": r["id"], "model": model_name, "nll": trace_nll(model, p, t, engine),
+                        "trace_tokens": len(t)})
     return out
 
 
@@ -148,14 +148,15 @@ def perplexity_summary(rows, model_name, runtime):
             "trace_tokens": n, "nll_per_token": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
 
 
-def summarize(records, model_name, style, runtime, counts, batch_size, max_new_tokens, peak_mb):
-    seconds = sum(r["seconds"] for r in records)
+def summarize(records, model_name, style, runtime, counts, batch_size, max_new_tokens, peak_mb, wall, made):
+    """wall: seconds this run generated for; made: the records it made (a resumed run made only some)."""
     new_tokens = sum(r["new_tokens"] for r in records)
+    made_tokens = sum(r["new_tokens"] for r in made)
     total, nonzero, nbytes = counts
     return {"stage": "generate", "model": model_name, "style": style, "n": len(records), **runtime,
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seconds": seconds,
-            "seconds_per_problem": seconds / max(len(records), 1), "new_tokens": new_tokens,
-            "tokens_per_s": new_tokens / seconds if seconds else 0.0, "peak_memory_mb": peak_mb,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seconds": wall,
+            "seconds_per_problem": wall / max(len(made), 1), "new_tokens": new_tokens,
+            "tokens_per_s": made_tokens / wall if wall else 0.0, "peak_memory_mb": peak_mb,
             "params": total, "nonzero_params": nonzero, "param_mb": nbytes / 2**20,
             "nonzero_mb": nbytes / total * nonzero / 2**20,
             "cutoff_rate": sum(r["stop"] == "length" for r in records) / max(len(records), 1)}
@@ -203,34 +204,45 @@ def main(argv=None):
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
     eos_ids, stop_fn = eos_token_ids(model, tok), stop_checker(tok, stops, args.stop_boxed)
-    generator = torch.Generator(device) if args.temperature > 0 else None
     prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in problems}
-    batches = plan_batches(problems, prompts, args.batch_size, out.done)
-    with tqdm(total=sum(len(b) for _, b in batches), desc=f"generate {args.style}", unit="q", disable=None) as bar, \
+    todo = [p for p in problems if p["id"] not in out.done]
+    requests = [(p["id"], prompts[p["id"]][1], row_generator(device, args.seed, p["id"]) if args.temperature > 0
+                 else None) for p in todo]
+    by_id, made, stats = {p["id"]: p for p in todo}, [], {}
+    slots = args.batch_size or default_slots(model, max((len(r[1]) for r in requests), default=0) + max_new, device)
+    with tqdm(total=len(todo), desc=f"generate {args.style}", unit="q", disable=None) as bar, \
             fast_linears(model), CpuMeter() as meter, out:  # `out`: its part file is closed even on Ctrl-C
-        for k, batch in batches:
-            if generator is not None:
-                generator.manual_seed(args.seed * 1_000_003 + k)
-            with Timer() as t:
-                results = decode(model, [prompts[p["id"]][1] for p in batch], max_new, eos_ids, tok.pad_token_id,
-                                 stop_fn, args.temperature, args.top_k, args.top_p, generator)
-            out.write([{**p, "style": args.style, "model": args.model, "prompt": prompts[p["id"]][0],
-                        "output": finish_text(tok, ids, eos_ids, stops),
-                        "prompt_tokens": len(prompts[p["id"]][1]), "new_tokens": len(ids), "stop": reason,
-                        "seconds": t.seconds / len(batch)} for p, (ids, reason) in zip(batch, results)])
-            bar.update(len(batch))
+        for key, ids, reason, seconds in run(model, requests, max_new, eos_ids, tok.pad_token_id, slots, stop_fn,
+                                             args.temperature, args.top_k, args.top_p, stats):
+            p = by_id[key]
+            made.append({**p, "style": args.style, "model": args.model, "prompt": prompts[key][0],
+                         "output": finish_text(tok, ids, eos_ids, stops), "prompt_tokens": len(prompts[key][1]),
+                         "new_tokens": len(ids), "stop": reason, "seconds": seconds})
+            out.write(made[-1:])
+            bar.update(1)
+    if stats.get("engine") == "static":
+        log(f"static batches through the model's own forward: the engine cannot drive it ({stats['engine_reason']})")
     order = {p["id"]: k for k, p in enumerate(problems)}
     records = sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]])
     out.finish(records)
-    summary = summarize(records, args.model, args.style, runtime, param_counts(model), args.batch_size, max_new,
-                        peak_memory_mb(device))
-    summary.update(stop_boxed=args.stop_boxed, **meter.info())  # wall and CPU time of this run, others' CPU share
+    summary = summarize(records, args.model, args.style, runtime, param_counts(model), slots, max_new,
+                        peak_memory_mb(device), meter.wall, made)
+    summary.update(stop_boxed=args.stop_boxed, **meter.info(), **engine_summary(stats, meter.wall))
     if meter.other is not None and meter.other > CONTENDED:
         log(f"other processes used {meter.other:.0%} of the CPUs during this run: its speed is not comparable")
     log(f"{summary['n']} answers, {summary['new_tokens']} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:.1f} tok/s), peak {summary['peak_memory_mb']:.0f} MiB")
     if summary_path:
         write_json(summary_path, summary)
+
+
+def engine_summary(stats, wall):
+    """Which path generated, and where its time went: prefill and decode shares of the wall time, busy slots."""
+    out = {"engine": stats.get("engine"), "engine_reason": stats.get("engine_reason") or None}
+    if stats.get("decode_seconds") is not None and wall:
+        out.update(prefill_share=stats["prefill_seconds"] / wall, decode_share=stats["decode_seconds"] / wall,
+                   decode_steps=stats["decode_steps"], mean_busy_slots=stats.get("mean_busy_slots"))
+    return out
 
 
 if __name__ == "__main__":

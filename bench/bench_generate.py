@@ -1,14 +1,21 @@
-"""Benchmark: generate.py's decoding against a plain model.generate call, same prompts, batch size and dtype.
+"""Benchmark: the generation engine against model.generate, and against the machine's matmul bound.
 
-    python bench/bench_generate.py                                  # embedded model, 32 CoT prompts, batch 16
-    python bench/bench_generate.py --style chat --max-new-tokens 256 --n 16
+    python bench/bench_generate.py                                   # chat at 512 and cot at 150, batch 16 and 64
+    python bench/bench_generate.py --styles cot --batch-sizes 16 --dtypes float32
+    python bench/bench_generate.py --profile                         # where one decode step's time goes
 
-Both sides see the same tokenised prompts and batch size and decode greedily to the same cap. The baseline
-batches prompts in input order and calls model.generate; ours is what generate.py does (longest-first batches,
-finished rows dropped from the batch and KV cache, a KV cache written in place, bfloat16 weights packed once for
-oneDNN). Runs alternate (baseline, ours, baseline, ours, ...) and the
-best time of each counts, so a busy core hurts both alike. Prints tokens/s, the speed-up, and how many outputs are
-token-for-token identical. A script that prints numbers, not a test.
+For each dtype, style and batch size B: the same 2·B GSM8K test prompts (`--n` to change), greedy, the style's cap
+and stop strings. The baseline is model.generate on input-order batches of B (left-padded), with whichever of its
+caches ("dynamic", "static") decodes these prompts faster, picked on a short probe in the same run. Ours is what
+generate.py does: Engine with B slots (continuous batching, a static per-slot cache, packed bfloat16 linears where
+the CPU has them). The two sides alternate (baseline, ours, baseline, ours: `--repeats`) and the best time of each
+counts, so a busy core hurts both alike.
+
+The bound: one decode step at batch B cannot beat the time of the model's own Linear layers (lm_head included) on a
+[B, in] input, measured here in the same dtype and with the same packing, so B / that time is the tokens/s the
+matmuls alone allow; ours is printed as a share of it. Identical outputs: rows whose tokens equal the baseline's
+(in float32 all should; bfloat16 is not batch-invariant, see docs/methods.md#determinism). A script that prints
+numbers, not a test.
 """
 import argparse
 import os
@@ -18,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.engine import decode, eos_token_ids, fast_linears  # noqa: E402
+from common.engine import Engine, eos_token_ids, fast_linears  # noqa: E402
 from common.files import read_jsonl  # noqa: E402
 from common.models import load_model, load_tokenizer  # noqa: E402
 from common.runtime import resolve_dtype  # noqa: E402
@@ -27,79 +34,147 @@ from generate import STYLES, build_prompt, stop_checker  # noqa: E402
 DEFAULT_MODEL = "out/SmolLM2-135M-Instruct/models/s0"
 
 
-def baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops):
-    """Plain HF: input-order batches, left padding, model.generate; returns each row's new ids as generated
-    (a row that finished early is padded to the batch's length)."""
+def baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):
+    """model.generate on input-order batches; each row's new ids up to its end (EOS or stop string) or the cap."""
     outs = []
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i: i + batch_size]
         width = max(map(len, batch))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = (ids != pad) | (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in batch])[:, None])
-        outs += model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_new, do_sample=False,
-                               eos_token_id=sorted(eos), pad_token_id=pad, stop_strings=stops or None,
-                               tokenizer=tok)[:, width:].tolist()
+        mask = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in batch])[:, None]
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        rows = model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=max_new, do_sample=False,
+                              eos_token_id=sorted(eos), pad_token_id=pad, stop_strings=stops or None,
+                              tokenizer=tok, **extra)[:, width:].tolist()
+        for row in rows:
+            end = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+            outs.append(row[:end])
     return outs
 
 
-def same_output(ours_ids, base_row, eos, pad):
-    """Equal tokens, and after them the baseline row holds nothing but padding."""
-    n = len(ours_ids)
-    return base_row[:n] == ours_ids and all(t == pad or t in eos for t in base_row[n:])
-
-
-def ours(model, tok, prompts, batch_size, max_new, eos, pad, stops):
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats):
+    """Engine, as generate.py drives it: returns each row's new ids."""
+    stop = stop_checker(tok, stops)
+    eng = Engine(model, batch_size, max(map(len, prompts)) + max_new + 1)
     outs = [None] * len(prompts)
     with fast_linears(model):  # packing the weights is part of the timed work
-        for i in range(0, len(order), batch_size):
-            idx = order[i: i + batch_size]
-            for j, (ids, _) in zip(idx, decode(model, [prompts[j] for j in idx], max_new, eos, pad,
-                                               stop_checker(tok, stops))):
-                outs[j] = ids
+        for k, ids, _, _ in eng.generate([(k, p, None) for k, p in enumerate(prompts)], max_new, eos, stop):
+            outs[k] = ids
+    stats.update(eng.stats, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
     return outs
+
+
+def linear_bound(model, batch_size):
+    """Tokens/s the model's Linear layers alone allow at this batch: B / (one pass over every Linear, [B, in])."""
+    mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {m.in_features: torch.randn(batch_size, m.in_features, dtype=m.weight.dtype) for m in mods}
+    with torch.inference_mode(), fast_linears(model):
+        for m in mods:
+            m(xs[m.in_features])  # warm-up (oneDNN builds its kernels)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for m in mods:
+                m(xs[m.in_features])
+            best = min(best, time.perf_counter() - t0)
+    flops = 2 * batch_size * sum(m.in_features * m.out_features for m in mods)
+    return batch_size / best, flops / best / 1e9
+
+
+def same_output(a, b, stops, tok):
+    """Equal tokens; where the baseline kept going past a stop string that cut ours, equal up to ours' end."""
+    return a == b or (bool(stops) and b[: len(a)] == a)
+
+
+def profile_step(model, prompts, batch_size, steps=20):
+    """torch.profiler over `steps` decode steps of a full batch (every slot prefilled first): time by operator."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts = prompts[:batch_size]
+    eng = Engine(model, batch_size, max(map(len, prompts)) + steps + 1)
+    with fast_linears(model), torch.inference_mode():
+        for s, ids in enumerate(prompts):
+            eng.prefill(s, ids)
+        pos = torch.tensor([len(p) for p in prompts])
+        tok = torch.zeros(batch_size, dtype=torch.long)
+        eng._step(tok, pos, int(pos.max()) + 1)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for k in range(1, steps + 1):
+                tok = eng._step(tok, pos + k, int(pos.max()) + k + 1).argmax(-1)
+            wall = time.perf_counter() - t0
+    groups = {"matmuls (Linear layers)": ("aten::linear", "mkldnn::_linear_pointwise", "aten::addmm", "aten::mm"),
+              "attention (sdpa)": ("aten::scaled_dot_product_attention",),
+              "cache writes": ("aten::index_put_",), "argmax": ("aten::argmax",)}
+    totals = {g: 0.0 for g in groups}
+    for ev in prof.key_averages():
+        for g, keys in groups.items():
+            if ev.key in keys:
+                totals[g] += ev.cpu_time_total / 1e6  # inclusive: the op with what it calls
+    print(f"profile: {batch_size} slots, {steps} decode steps in {wall:.2f} s ({steps * batch_size / wall:.0f} "
+          f"tokens/s)")
+    for g, t in totals.items():
+        print(f"  {g:28s} {t:6.2f} s  {t / wall:4.0%}")
+    rest = wall - sum(totals.values())
+    print(f"  {'the rest (norms, rotary, activations, Python)':28s} {rest:6.2f} s  {rest / wall:4.0%}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else "embedded",
                    help="model (default: the converted embedded model if `make all` made it)")
-    p.add_argument("--style", choices=sorted(STYLES), default="cot", help="prompt protocol")
-    p.add_argument("--n", type=int, default=32, help="prompts (GSM8K test)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the style's")
-    p.add_argument("--dtype", default="auto", help="compute dtype")
-    p.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best time of each counts")
+    p.add_argument("--styles", default="chat,cot", help="prompt protocols, comma-separated (caps: chat 512, cot 150)")
+    p.add_argument("--batch-sizes", default="16,64", help="nominal batch sizes, comma-separated")
+    p.add_argument("--dtypes", default="auto,float32", help="compute dtypes, comma-separated")
+    p.add_argument("--n", type=int, default=0, help="prompts per case; 0 = twice the batch size")
+    p.add_argument("--repeats", type=int, default=1, help="alternating rounds; the best time of each counts")
+    p.add_argument("--profile", action="store_true", help="only profile one decode step (chat, largest batch)")
     args = p.parse_args()
     device = torch.device("cpu")
-    dtype, _ = resolve_dtype(args.dtype, device)
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, device, dtype)
-    eos, pad = eos_token_ids(model, tok), tok.pad_token_id
-    qs = read_jsonl(os.path.join(os.path.dirname(__file__), "..", "data", "gsm8k", "test.jsonl"), args.n)
-    prompts = [build_prompt(tok, args.style, q["question"])[1] for q in qs]
-    max_new = args.max_new_tokens or STYLES[args.style]["max_new_tokens"]
-    stops = STYLES[args.style]["stop"]
-    print(f"model {args.model}, {len(prompts)} {args.style} prompts, batch {args.batch_size}, "
-          f"max {max_new} new tokens, stop strings {stops}, {str(dtype).replace('torch.', '')}, "
-          f"{torch.get_num_threads()} threads")
-    best = {"model.generate": float("inf"), "cotprune decode": float("inf")}
-    outs = {}
-    for _ in range(args.repeats):
-        for name, fn in (("model.generate", baseline), ("cotprune decode", ours)):
-            t0 = time.perf_counter()
-            outs[name] = fn(model, tok, prompts, args.batch_size, max_new, eos, pad, stops)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    tokens = sum(map(len, outs["cotprune decode"]))  # the tokens both sides had to produce
-    for name, seconds in best.items():
-        print(f"{name:16s} {seconds:7.2f} s  {tokens / seconds:7.1f} tokens/s")
-    same = [same_output(a, b, eos, pad) for a, b in zip(outs["cotprune decode"], outs["model.generate"])]
-    print(f"speed-up {best['model.generate'] / best['cotprune decode']:.2f}x on {tokens} tokens; "
-          f"identical outputs {sum(same)}/{len(prompts)}")
-    for i in [i for i, ok in enumerate(same) if not ok][:3]:
-        a, b = outs["cotprune decode"][i], outs["model.generate"][i]
-        at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        print(f"  prompt {i} differs from token {at} (ours {len(a)} tokens)")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    questions = read_jsonl(os.path.join(os.path.dirname(__file__), "..", "data", "gsm8k", "test.jsonl"),
+                           args.n or 2 * max(batch_sizes))
+    print(f"model {args.model}, {torch.get_num_threads()} threads")
+    for dname in args.dtypes.split(","):
+        dtype, why = resolve_dtype(dname, device)
+        model = load_model(args.model, device, dtype)
+        eos, pad = eos_token_ids(model, tok), tok.pad_token_id
+        if args.profile:
+            prompts = [build_prompt(tok, "chat", q["question"])[1] for q in questions]
+            profile_step(model, prompts, max(batch_sizes))
+            continue
+        for style in args.styles.split(","):
+            prompts = [build_prompt(tok, style, q["question"])[1] for q in questions]
+            max_new, stops = STYLES[style]["max_new_tokens"], STYLES[style]["stop"]
+            for B in batch_sizes:
+                case = prompts[: args.n or 2 * B]
+                probe = {c: time_it(lambda c=c: baseline(model, tok, case[:B], B, 16, eos, pad, stops, c))
+                         for c in ("dynamic", "static")}
+                cache = min(probe, key=probe.get)
+                best, outs, stats = {}, {}, {}
+                for _ in range(args.repeats):
+                    for name, fn in (("model.generate", lambda: baseline(model, tok, case, B, max_new, eos, pad,
+                                                                         stops, cache)),
+                                     ("engine", lambda: ours(model, tok, case, B, max_new, eos, stops, stats))):
+                        t0 = time.perf_counter()
+                        outs[name] = fn()
+                        best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+                bound, gflops = linear_bound(model, B)
+                rate = {k: sum(map(len, outs[k])) / v for k, v in best.items()}
+                same = sum(same_output(a, b, stops, tok) for a, b in zip(outs["engine"], outs["model.generate"]))
+                print(f"{str(dtype).replace('torch.', ''):8s} {style:4s} cap {max_new:3d} B {B:2d} n {len(case):3d}: "
+                      f"model.generate ({cache} cache) {rate['model.generate']:6.1f} tok/s, engine "
+                      f"{rate['engine']:6.1f} tok/s = {rate['engine'] / rate['model.generate']:.2f}x; matmul bound "
+                      f"{bound:6.1f} tok/s ({gflops:.0f} GFLOP/s), engine at {rate['engine'] / bound:.0%} of it; "
+                      f"busy slots {stats['mean_busy_slots']:.1f}, prefill "
+                      f"{stats['prefill_seconds'] / best['engine']:.0%} of its time; identical outputs {same}/"
+                      f"{len(case)}", flush=True)
+
+
+def time_it(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

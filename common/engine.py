@@ -1,16 +1,29 @@
-"""The generation engine: batched greedy or sampled decoding with a preallocated KV cache and packed CPU linears.
+"""The generation engine: continuous batching over a static per-slot KV cache, and packed CPU linears.
 
-This is the code that leans on library internals (transformers' DynamicLayer, private torch.ops.mkldnn ops), kept
-in one room so that an upgrade breaks one file; each fast path checks itself and steps aside where it cannot run.
+This is the code that leans on library internals (the attention modules' cache protocol, private torch.ops.mkldnn
+ops), kept in one room so that an upgrade breaks one file; each fast path checks itself and steps aside where it
+cannot run.
 
-    decode          batched generation; finished rows leave the batch and the cache at once
+    Engine          continuous batching: a fixed number of slots; a finished row's slot takes the next prompt at once
+    decode          static batches through the model's own forward (the fallback for architectures Engine does not
+                    drive, and the reference the tests compare with)
     fast_linears    bfloat16 weights packed once for oneDNN on CPUs that have the instructions
     eos_token_ids   every token id that ends a generation
+    row_generator   one problem's sampling stream, seeded by its id
 """
 import contextlib
 import os
+import time
 
 from common.runtime import BF16_ENV
+
+
+def row_generator(device, seed, key):
+    """The sampling stream of one problem: seeded by the run's seed and the problem's id alone, so a sampled answer
+    does not depend on which problems share the batch with it, nor on whether the run was resumed."""
+    import zlib
+    import torch
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(str(key).encode()))
 
 
 def eos_token_ids(model, tokenizer):
@@ -170,3 +183,240 @@ def decode(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None,
                            past_key_values=cache, use_cache=True).logits[:, -1, :]
             next_pos = next_pos + 1
     return list(zip(out_ids, reasons))
+
+
+# --------------------------------------------------------------------------------------- continuous batching
+
+class SlotCache:
+    """A static KV cache with one row per slot, written in place by the model's own attention modules through the
+    cache protocol they call (`update(key, value, layer_idx)`): K, V [slots, kv_heads, capacity, head_dim] per layer,
+    allocated once. Before each forward the engine says where the new keys go (`at_decode`, `at_prefill`)."""
+
+    def __init__(self, layers, slots, kv_heads, capacity, head_dim, dtype, device):
+        import torch
+        self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.capacity, self.mode = capacity, None
+
+    def at_decode(self, positions, kv_len):
+        """Every slot writes one key at its own position [slots]; attention reads the first kv_len positions."""
+        import torch
+        self.mode, self.pos, self.kv_len = "decode", positions, kv_len
+        self.rows = torch.arange(len(positions), device=positions.device)
+
+    def at_prefill(self, slot, start, end):
+        """Slot `slot` writes keys for positions start..end-1 and reads positions 0..end-1."""
+        self.mode, self.slot, self.start, self.end = "prefill", slot, start, end
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        if self.mode == "decode":  # key_states [slots, kv_heads, 1, head_dim]
+            K[self.rows, :, self.pos] = key_states[:, :, 0]
+            V[self.rows, :, self.pos] = value_states[:, :, 0]
+            return K[:, :, : self.kv_len], V[:, :, : self.kv_len]
+        s = self.slot  # prefill: key_states [1, kv_heads, T, head_dim]
+        K[s, :, self.start: self.end] = key_states[0]
+        V[s, :, self.start: self.end] = value_states[0]
+        return K[s: s + 1, :, : self.end], V[s: s + 1, :, : self.end]
+
+    def keep(self, slots):
+        """Keep only these slots, in this order (one copy): the batch shrinks once the queue is empty."""
+        self.k = [t[slots].contiguous() for t in self.k]
+        self.v = [t[slots].contiguous() for t in self.v]
+
+
+def engine_supported(model):
+    """(True, '') if Engine can drive this model's decoder blocks with its own cache and masks, else (False, why).
+
+    Engine calls each block as the model's forward does (hidden states, rotary embeddings, a 4-D additive mask, a
+    cache), so any pre-norm decoder whose attention goes through transformers' sdpa or eager interface and reads
+    the cache protocol works (Llama, Qwen2, Mistral without a sliding window, ...). Sliding-window and other
+    non-full attention needs masks Engine does not build."""
+    cfg, inner = model.config, getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb") \
+            or not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
+        return False, f"{type(model).__name__} is not a decoder with model.layers / rotary_emb / embed_tokens / norm"
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False, f"attention implementation {cfg._attn_implementation!r}"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False, "some layers use sliding-window or other non-full attention"
+    if any(getattr(layer.self_attn, "sliding_window", None) for layer in inner.layers):
+        return False, "sliding-window attention"
+    if not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx") for layer in inner.layers):
+        return False, "attention modules without layer_idx"
+    return True, ""
+
+
+class Engine:
+    """Continuous batching: `slots` rows decode together; when one ends (EOS, a stop, the cap) the next waiting
+    prompt is prefilled into its slot at once, so the batch stays full until the queue is empty. Each slot has its
+    own rows in a static KV cache and its own position, so a row's tokens never depend on which prompts share the
+    batch with it except through floating-point rounding (none in float32 greedy decoding, checked against
+    model.generate at batch 1 in the tests). Prompts are prefilled alone, in chunks of `chunk` tokens.
+
+    generate() yields (key, new token ids, reason, seconds from its prefill to its last token) as rows finish;
+    `stats` then holds prefill and decode seconds, decode steps and the mean number of busy slots."""
+
+    def __init__(self, model, slots, capacity, chunk=512):
+        import torch
+        ok, why = engine_supported(model)
+        if not ok:
+            raise ValueError(f"Engine cannot drive this model: {why}")
+        self.model, self.inner, self.slots, self.chunk = model, model.model, slots, chunk
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.dtype, self.device = next(model.parameters()).dtype, model.device
+        self.cache = SlotCache(len(self.inner.layers), slots, kv_heads, capacity, head_dim, self.dtype, self.device)
+        self.neg = torch.finfo(self.dtype).min  # additive mask: finite, so a fully masked idle slot gives no NaN
+        self.stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0, "busy_slot_steps": 0,
+                      "slots": slots}
+
+    def _blocks(self, h, position_ids, mask):
+        """The decoder blocks and the final norm on hidden states h [B, T, d] -> [B, T, d]."""
+        pe = self.inner.rotary_emb(h, position_ids=position_ids)
+        for layer in self.inner.layers:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+                      use_cache=True, position_embeddings=pe)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.inner.norm(h)
+
+    def prefill(self, slot, ids, keep=1):
+        """Write a prompt's keys into `slot` (chunk by chunk) and return the logits of its last `keep` positions."""
+        import torch
+        T = len(ids)
+        if T + 1 > self.cache.capacity:
+            raise ValueError(f"a prompt of {T} tokens does not fit a cache of {self.cache.capacity} positions")
+        out = []
+        for a in range(0, T, self.chunk):
+            b = min(T, a + self.chunk)
+            x = torch.tensor([ids[a:b]], device=self.device)
+            pos = torch.arange(a, b, device=self.device)[None]
+            causal = torch.arange(b, device=self.device)[None, :] <= pos[0, :, None]  # [T', b]
+            mask = torch.zeros(1, 1, b - a, b, dtype=self.dtype, device=self.device).masked_fill_(~causal, self.neg)
+            self.cache.at_prefill(slot, a, b)
+            h = self._blocks(self.inner.embed_tokens(x), pos, mask)
+            if b > T - keep:
+                out.append(h[0, max(0, T - keep - a):])
+        return self.model.lm_head(torch.cat(out)).float()  # [keep, V]
+
+    def _step(self, tokens, positions, kv_len):
+        """One token for every slot: tokens, positions [slots] -> logits [slots, V]."""
+        import torch
+        mask = torch.where(torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None], 0.0, self.neg)
+        self.cache.at_decode(positions, kv_len)
+        h = self._blocks(self.inner.embed_tokens(tokens[:, None]), positions[:, None],
+                         mask.to(self.dtype)[:, None, None, :])
+        return self.model.lm_head(h[:, 0]).float()
+
+    def generate(self, requests, max_new_tokens, eos_ids, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0):
+        """requests: [(key, prompt ids, torch.Generator or None)], served in order. Yields (key, ids, reason,
+        seconds) with reason 'eos', 'length' or 'stop' (stop_fn(key, ids) returned True), as rows finish."""
+        import torch
+        queue = list(reversed(requests))
+        rows = [None] * self.slots  # per slot: [key, ids, generator, position of its next token, start time]
+        eos = set(eos_ids)
+        with torch.inference_mode():
+            while queue or any(rows):
+                for s in range(len(rows)):  # fill free slots, prefilling each new prompt at once
+                    while rows[s] is None and queue:
+                        key, ids, gen = queue.pop()
+                        t0 = time.perf_counter()
+                        logits = self.prefill(s, ids)
+                        self.stats["prefill_seconds"] += time.perf_counter() - t0
+                        rows[s] = [key, [], gen, len(ids), t0]
+                        done = self._advance(rows[s], logits, eos, max_new_tokens, stop_fn, temperature, top_k, top_p)
+                        if done:
+                            rows[s] = None
+                            yield done
+                busy = [s for s, r in enumerate(rows) if r is not None]
+                if not busy:
+                    break
+                if not queue and len(busy) <= len(rows) // 2:  # the tail: shrink the batch to the busy slots
+                    self.cache.keep(torch.tensor(busy, device=self.device))
+                    rows = [rows[s] for s in busy]
+                    busy = list(range(len(rows)))
+                positions = torch.tensor([r[3] if r else 0 for r in rows], device=self.device)
+                tokens = torch.tensor([r[1][-1] if r else 0 for r in rows], device=self.device)
+                t0 = time.perf_counter()
+                logits = self._step(tokens, positions, int(positions.max()) + 1)
+                self.stats["decode_seconds"] += time.perf_counter() - t0
+                self.stats["decode_steps"] += 1
+                self.stats["busy_slot_steps"] += len(busy)
+                for s in busy:
+                    rows[s][3] += 1
+                picks = self._pick_rows([rows[s] for s in busy], logits[busy], temperature, top_k, top_p)
+                for s, tok in zip(busy, picks):
+                    done = self._finish_token(rows[s], tok, eos, max_new_tokens, stop_fn)
+                    if done:
+                        rows[s] = None
+                        yield done
+
+    def _advance(self, row, logits, eos, max_new, stop_fn, temperature, top_k, top_p):
+        tok = self._pick_rows([row], logits[-1:], temperature, top_k, top_p)[0]
+        return self._finish_token(row, tok, eos, max_new, stop_fn)
+
+    @staticmethod
+    def _pick_rows(rows, logits, temperature, top_k, top_p):
+        """Next token of each row: argmax, or a draw from the row's own generator (so it ignores its batch-mates)."""
+        if temperature == 0:
+            return logits.argmax(-1).tolist()
+        return [int(_pick(logits[i: i + 1], temperature, top_k, top_p, row[2])[0]) for i, row in enumerate(rows)]
+
+    def _finish_token(self, row, tok, eos, max_new, stop_fn):
+        """Append the token; (key, ids, reason, seconds) if the row is done, else None."""
+        key, ids = row[0], row[1]
+        ids.append(tok)
+        reason = ("eos" if tok in eos else "stop" if stop_fn is not None and stop_fn(key, ids)
+                  else "length" if len(ids) >= max_new or row[3] >= self.cache.capacity else None)
+        return None if reason is None else (key, ids, reason, time.perf_counter() - row[4])
+
+
+def default_slots(model, capacity, device):
+    """Slots for --batch-size 0: as many as keep the KV cache under a quarter of the memory the machine has free
+    (or the GPU's), at most 64 (where a 2-core CPU stops gaining, bench/README.md) and 256 on a GPU."""
+    import torch
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    per_slot = 2 * cfg.num_hidden_layers * kv * head_dim * capacity * next(model.parameters()).element_size()
+    if device.type == "cuda":
+        free, cap = torch.cuda.mem_get_info(device)[0], 256
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = 8 * 2**30
+        cap = 64
+    return max(1, min(cap, int(free / 4 // per_slot)))
+
+
+def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0,
+        stats=None):
+    """Generate for [(key, prompt ids, generator or None)] and yield (key, ids, reason, seconds) as rows finish:
+    through Engine where it can drive the model, else in static batches of `slots` through decode() (sampled rows
+    then share one generator per batch). `stats` (a dict) receives the engine's counters and which path ran."""
+    stats = {} if stats is None else stats
+    ok, why = engine_supported(model)
+    if not requests:
+        return
+    if ok:
+        capacity = max(len(ids) for _, ids, _ in requests) + max_new_tokens + 1
+        eng = Engine(model, max(1, min(slots, len(requests))), capacity)
+        stats.update(engine="continuous", engine_reason="")
+        try:
+            yield from eng.generate(requests, max_new_tokens, eos_ids, stop_fn, temperature, top_k, top_p)
+        finally:
+            stats.update(eng.stats, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
+        return
+    stats.update(engine="static", engine_reason=why, prefill_seconds=None, decode_seconds=None, slots=slots)
+    for i in range(0, len(requests), slots):
+        batch = requests[i: i + slots]
+        t0 = time.perf_counter()
+        gen = batch[0][2]
+        results = decode(model, [ids for _, ids, _ in batch], max_new_tokens, eos_ids, pad_id,
+                         None if stop_fn is None else (lambda r, ids, b=batch: stop_fn(b[r][0], ids)),
+                         temperature, top_k, top_p, gen)
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for (key, _, _), (ids, reason) in zip(batch, results):
+            yield key, ids, reason, seconds

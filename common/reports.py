@@ -210,14 +210,18 @@ def mdd_paragraph(n, comparisons_f, base_accuracy):
         sd = sorted(sds)[len(sds) // 2]
         parts.append(f"a difference in F of about {stats.min_detectable_difference(n, sd=sd):.3f} (median SD of the "
                      f"per-problem F differences, {sd:.3f})")
+    rare = False
     if base_accuracy is not None and n:
         p = min(max(base_accuracy, 0.5 / n), 1 - 0.5 / n)
+        rare = n * min(p, 1 - p) < 5
         parts.append(f"a difference in accuracy of about {stats.min_detectable_difference(n, p=p):.3f} at the dense "
                      f"model's accuracy {base_accuracy:.3f}")
     if not parts:
         return ""
-    return (f"With {n} problems this run detects, at α = 0.05 with 80 % power, " + " and ".join(parts)
-            + "; smaller true differences are likely to be missed.")
+    return (f"With {n} problems this run detects, at α = 0.05 with 80 % power (normal approximation), "
+            + " and ".join(parts) + "; smaller true differences are likely to be missed."
+            + (" With fewer than 5 expected correct answers the approximation is optimistic for accuracy: an exact "
+               "test needs larger differences still." if rare else ""))
 
 
 # ------------------------------------------------------------------------------------------------ markdown

@@ -32,20 +32,16 @@ def test_traces_budget_fields_and_determinism(tmp_path, tiny_llama):
 
 
 def test_traces_resume(tmp_path, tiny_llama, monkeypatch):
-    whole = traces(tmp_path, tiny_llama, "whole.jsonl")
-    real, calls = calibrate.decode, []
-
-    def dies(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(calibrate, "decode", dies)
+    whole = traces(tmp_path, tiny_llama, "whole.jsonl", "--dtype", "float32")  # float32: batch-invariant
+    from common.engine import Engine
+    from test_generate import dies_on_call
+    real = Engine._step
+    monkeypatch.setattr(Engine, "_step", dies_on_call(15, real))
     with pytest.raises(KeyboardInterrupt):
-        traces(tmp_path, tiny_llama, "r.jsonl")
-    monkeypatch.setattr(calibrate, "decode", real)
-    assert traces(tmp_path, tiny_llama, "r.jsonl") == whole
+        traces(tmp_path, tiny_llama, "r.jsonl", "--dtype", "float32")
+    assert len((tmp_path / "r.jsonl.part").read_text().splitlines()) > 1  # some traces were kept
+    monkeypatch.setattr(Engine, "_step", real)
+    assert traces(tmp_path, tiny_llama, "r.jsonl", "--dtype", "float32") == whole
 
 
 def test_prompts_and_text_sources(tmp_path, tiny_llama):

@@ -1,4 +1,5 @@
-"""generate.py and engine.decode: same greedy tokens as model.generate, resumable, stop strings, summary."""
+"""generate.py and engine.decode: same greedy tokens as model.generate, resumable, stop strings, summary
+(continuous batching itself: tests/test_engine.py)."""
 import json
 import math
 import os
@@ -75,27 +76,22 @@ def test_generate_stage_outputs_and_summary(tmp_path, tiny_llama):
 def test_interrupted_run_resumes_without_repeating(tmp_path, tiny_llama, monkeypatch):
     src = problems_file(tmp_path, 7)
     out = tmp_path / "gen.jsonl"
-    argv = ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "4", "--batch-size", "3", src,
-            "-o", str(out)]
-    real, calls = engine.decode, []
-
-    def dies_on_second_batch(model, prompts, *a, **k):
-        calls.append(len(prompts))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(model, prompts, *a, **k)
-
-    monkeypatch.setattr(generate, "decode", dies_on_second_batch)
+    argv = ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "4", "--batch-size", "3",
+            "--no-stop-strings", src, "-o", str(out)]
+    eos_never(monkeypatch)  # every row runs to the cap: the first three finish after three steps
+    monkeypatch.setattr(engine.Engine, "_step", dies_on_call(5, engine.Engine._step))
     with pytest.raises(KeyboardInterrupt):
         generate.main(argv)
-    assert not out.exists() and len((tmp_path / "gen.jsonl.part").read_text().splitlines()) == 1 + 3  # settings
+    lines = (tmp_path / "gen.jsonl.part").read_text().splitlines()
+    assert not out.exists() and len(lines) == 1 + 3  # the settings line and the three finished rows
     with open(tmp_path / "gen.jsonl.part", "a") as f:
         f.write('{"id": "torn')  # a write cut short by the interruption
-    calls.clear()
-    monkeypatch.setattr(generate, "decode", lambda model, prompts, *a, **k: calls.append(len(prompts)) or
-                        real(model, prompts, *a, **k))
+    calls = []
+    real = engine.Engine.prefill
+    monkeypatch.setattr(engine.Engine, "_step", engine.Engine._step.__wrapped__)
+    monkeypatch.setattr(engine.Engine, "prefill", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     generate.main(argv)
-    assert calls == [3, 1]  # only the 4 missing problems were generated
+    assert len(calls) == 4  # only the 4 missing problems were generated
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert ids == [json.loads(x)["id"] for x in open(src)] and not (tmp_path / "gen.jsonl.part").exists()
 
@@ -146,15 +142,21 @@ def packed_bf16_available():
 
 
 def dies_on_call(n, real):
-    """engine.decode that raises KeyboardInterrupt on its n-th call (an interrupted run)."""
+    """`real` (a function or an Engine method), raising KeyboardInterrupt on its n-th call: an interrupted run."""
     calls = []
 
-    def decode(*a, **k):
+    def dying(*a, **k):
         calls.append(1)
         if len(calls) == n:
             raise KeyboardInterrupt
         return real(*a, **k)
-    return decode
+    dying.__wrapped__ = real
+    return dying
+
+
+def eos_never(monkeypatch):
+    """No token ends a row (the random model may emit its EOS at any step): rows run to the cap."""
+    monkeypatch.setattr(generate, "eos_token_ids", lambda model, tok: {-1})
 
 
 def test_fast_linears_same_tokens_and_restores(tiny_llama):
@@ -189,13 +191,14 @@ def test_fast_linears_leave_float32_alone(tiny_llama):
 def test_resumed_sampling_equals_uninterrupted(tmp_path, tiny_llama, monkeypatch):
     src = problems_file(tmp_path, 5)
     argv = lambda out: ["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2",
-                        "--temperature", "1.0", "--seed", "3", src, "-o", str(tmp_path / out)]
+                        "--temperature", "1.0", "--seed", "3", "--dtype", "float32", src, "-o", str(tmp_path / out)]
     generate.main(argv("whole.jsonl"))
-    real = engine.decode
-    monkeypatch.setattr(generate, "decode", dies_on_call(2, real))
+    real = engine.Engine._step
+    monkeypatch.setattr(engine.Engine, "_step", dies_on_call(7, real))
     with pytest.raises(KeyboardInterrupt):
         generate.main(argv("resumed.jsonl"))
-    monkeypatch.setattr(generate, "decode", real)
+    assert 1 < len((tmp_path / "resumed.jsonl.part").read_text().splitlines()) < 6  # some rows were left to do
+    monkeypatch.setattr(engine.Engine, "_step", real)
     generate.main(argv("resumed.jsonl"))
     outputs = lambda name: [json.loads(x)["output"] for x in (tmp_path / name).read_text().splitlines()]
     assert outputs("resumed.jsonl") == outputs("whole.jsonl")
@@ -245,8 +248,8 @@ def test_resume_with_other_flags_is_refused(tmp_path, tiny_llama, monkeypatch):
     """A leftover OUT.part made with --max-new-tokens 6 is not merged into a run asking for 2 tokens."""
     src = problems_file(tmp_path, 4)
     out = tmp_path / "gen.jsonl"
-    real = engine.decode
-    monkeypatch.setattr(generate, "decode", dies_on_call(2, real))
+    eos_never(monkeypatch)
+    monkeypatch.setattr(engine.Engine, "_step", dies_on_call(7, engine.Engine._step))
     with pytest.raises(KeyboardInterrupt):
         generate.main(["--model", tiny_llama, "--style", "direct", "--max-new-tokens", "6", "--batch-size", "2", src,
                        "-o", str(out)])
@@ -281,7 +284,7 @@ def test_stdout_gets_the_same_records_in_the_same_order_as_a_file(tmp_path, tiny
 
 @pytest.mark.parametrize("flags, what", [(["--limit", "-1"], "--limit"), (["--max-new-tokens", "-5"], "--max-new-tokens"),
                                          (["--temperature", "-1"], "--temperature"), (["--top-p", "1.5"], "--top-p"),
-                                         (["--batch-size", "0"], "--batch-size"), (["--top-k", "x"], "--top-k")])
+                                         (["--batch-size", "-1"], "--batch-size"), (["--top-k", "x"], "--top-k")])
 def test_numbers_are_validated_at_parse_time(tmp_path, flags, what):
     r = run_script("generate.py", "--model", "no/such/model/dir", str(tmp_path / "none.jsonl"), *flags,
                    "-o", str(tmp_path / "o.jsonl"))

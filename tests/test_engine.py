@@ -1,0 +1,102 @@
+"""common/engine.py's continuous batching against model.generate at batch 1, the reference a user would trust."""
+import pytest
+import torch
+
+from common.engine import Engine, decode, engine_supported, row_generator, run
+from common.models import load_model, load_tokenizer
+
+
+def prompts_of(tok, n):
+    """n prompts of different lengths (so slots hold rows at different positions)."""
+    words = "the cat sat on a mat while two dogs ran far away from home".split()
+    return [tok(" ".join(words[: 2 + 3 * i % len(words)]) + f" {i}")["input_ids"] for i in range(n)]
+
+
+def greedy_no_cache(model, prompt, max_new):
+    """Greedy tokens by recomputing the whole sequence at every step: no cache at all, no EOS."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def reference(model, prompt, max_new, eos):
+    """Greedy tokens from model.generate on one prompt alone (no batch-mates, no padding)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos)
+    ids = out[0, len(prompt):].tolist()
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
+def test_float32_greedy_equals_model_generate_at_batch_1(arch, request):
+    """Seven prompts through three slots: rows finish at different steps (an EOS chosen so some stop early) and
+    their slots are refilled; every row's tokens must equal model.generate's for that prompt alone."""
+    path = request.getfixturevalue(arch)
+    tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
+    prompts = prompts_of(tok, 7)
+    free = greedy_no_cache(model, prompts[0], 12)
+    eos = free[4]  # a token the model produces: rows that meet it end early, the others run to the cap
+    want = [reference(model, p, 12, eos) for p in prompts]
+    assert len({len(w) for w in want}) > 1, "the test needs rows of different lengths"
+    stats = {}
+    got = {k: (ids, why) for k, ids, why, _ in run(model, [(k, p, None) for k, p in enumerate(prompts)], 12,
+                                                    {eos}, tok.pad_token_id, 3, stats=stats)}
+    assert stats["engine"] == "continuous" and stats["decode_steps"] > 0
+    for k, w in enumerate(want):
+        assert got[k][0] == w, k
+        assert got[k][1] == ("eos" if w[-1] == eos else "length")
+    assert 1 < stats["mean_busy_slots"] <= 3
+
+
+def test_chunked_prefill_gives_the_same_logits(tiny_llama):
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    ids = prompts_of(tok, 6)[5] * 3
+    whole = Engine(model, 1, len(ids) + 1, chunk=512).prefill(0, ids, keep=len(ids))
+    chunked = Engine(model, 1, len(ids) + 1, chunk=5).prefill(0, ids, keep=len(ids))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].float()
+    assert torch.allclose(whole, ref, atol=1e-4) and torch.allclose(chunked, ref, atol=1e-4)
+
+
+def test_a_sampled_row_ignores_its_batch_mates(tiny_llama):
+    """Each row draws from its own generator: the same request gives the same tokens alone or among others."""
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    prompts = prompts_of(tok, 5)
+    cpu = torch.device("cpu")
+    reqs = lambda: [(k, p, row_generator(cpu, 3, f"id{k}")) for k, p in enumerate(prompts)]  # noqa: E731
+    together = {k: ids for k, ids, _, _ in run(model, reqs(), 10, set(), tok.pad_token_id, 4, temperature=0.9)}
+    alone = {k: ids for k, ids, _, _ in run(model, reqs()[2:3], 10, set(), tok.pad_token_id, 1, temperature=0.9)}
+    assert alone[2] == together[2]
+    assert len({tuple(v) for v in together.values()}) > 1  # really sampled
+
+
+def test_stop_function_sees_the_request_key(tiny_llama):
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    prompts = prompts_of(tok, 4)
+    seen = set()
+
+    def stop(key, ids):
+        seen.add(key)
+        return key == 1 and len(ids) == 3
+    got = {k: (ids, why) for k, ids, why, _ in run(model, [(k, p, None) for k, p in enumerate(prompts)], 8, set(),
+                                                    tok.pad_token_id, 2, stop)}
+    assert seen == {0, 1, 2, 3} and got[1][1] == "stop" and len(got[1][0]) == 3
+    assert all(got[k][1] == "length" and len(got[k][0]) == 8 for k in (0, 2, 3))
+
+
+def test_models_the_engine_cannot_drive_take_the_static_path(tiny_llama, monkeypatch):
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    ok, why = engine_supported(model)
+    assert not ok and "flash_attention_2" in why
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa", raising=False)
+    prompts = prompts_of(tok, 3)
+    static = decode(model, prompts, 6, {-1}, tok.pad_token_id)
+    stats = {}
+    monkeypatch.setattr("common.engine.engine_supported", lambda m: (False, "simulated"))
+    got = list(run(model, [(k, p, None) for k, p in enumerate(prompts)], 6, {-1}, tok.pad_token_id, 3,
+                   stats=stats))
+    assert stats["engine"] == "static" and [g[1] for g in got] == [ids for ids, _ in static]
