@@ -12,7 +12,8 @@ MODEL ?= embedded
 N ?= 50
 SPARSITIES ?= 0.01 0.05 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8
 STYLES ?= direct cot
-BATCH ?= 16
+# BATCH: slots decoded together; 0 = as many as memory allows (at most 64 on a CPU)
+BATCH ?= 0
 DTYPE ?= auto
 DEVICE ?= auto
 # reasoning-aware compression study (make rac)
@@ -24,7 +25,7 @@ RAC_TOKENS ?= 512
 CALIB_SAMPLES ?= 16
 SEQLEN ?= 512
 CALIB_TOKENS ?= 10000
-HELDOUT_TOKENS ?= 4096
+HELDOUT_TOKENS ?= 16384
 # task-specific neuron pruning, LoRA recovery and traps (make neurons)
 NEURON_SPARSITIES ?= 0.25
 MULTIPLE ?= 128
@@ -192,7 +193,7 @@ $(NEU)/n$(NEURON_N)/report/report.md: $(NEU_EVAL) correlate.py $(COMMON)
 
 $(OUT)/report.md: $(MAG)/magnitude/report.md $(RAC)/n$(RAC_N)/report/report.md $(NEU)/n$(NEURON_N)/report/report.md
 	{ echo "# cotprune report: $(SLUG)"; echo; \
-	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, batch $(BATCH), dtype $(DTYPE); made $$(date -u +%F) on" \
+	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, $(if $(filter 0,$(BATCH)),slots as memory allows,$(BATCH) slots), dtype $(DTYPE); made $$(date -u +%F) on" \
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
 	  for f in $^; do cat $$f; echo; done; } > $@.tmp && mv $@.tmp $@
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common.chat import chat_prompt
 from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, positive, run_cli, share
-from common.engine import eos_token_ids, fast_linears, row_generator, run
+from common.engine import default_slots, eos_token_ids, fast_linears, row_generator, run
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_jsonl
 from common.layers import gated_mlps
 from common.models import load_model, load_tokenizer, model_source, resolved_model
@@ -58,7 +58,9 @@ def build_parser():
     p.add_argument("--temperature", type=non_negative, default=0.7, help="traces: sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=count, default=50, help="traces: keep the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=share, default=1.0, help="traces: nucleus mass, in (0, 1]")
-    p.add_argument("--batch-size", type=positive, default=16, help="traces: problems per forward pass")
+    p.add_argument("--batch-size", type=count, default=0,
+                   help="traces: slots decoded together (0 = as many as memory allows, at most 64 on a CPU); "
+                        "selectivity: prompts per forward pass (0 = 16)")
     p.add_argument("--limit", type=count, default=0, help="first N input records; 0 = all")
     p.add_argument("--target", default=DEFAULT_TARGET,
                    help="selectivity: JSONL of target-task prompts (`question` or `text`); default GSM8K train")
@@ -118,7 +120,8 @@ def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_
     requests = [(p["id"], prompts[p["id"]][1], row_generator(device, seed, p["id"])) for p in todo]
     with tqdm(total=budget or None, initial=head_tokens(), desc="trace tokens", unit="tok", disable=None) as bar, \
             fast_linears(model):
-        for key, new, reason, _ in run(model, requests, max_new_tokens, eos, tokenizer.pad_token_id, batch_size,
+        slots = batch_size or default_slots(model, max(len(r[1]) for r in requests) + max_new_tokens, device)
+        for key, new, reason, _ in run(model, requests, max_new_tokens, eos, tokenizer.pad_token_id, slots,
                                        None, *sampling):
             text, ids = prompts[key]
             trace = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
@@ -216,7 +219,7 @@ def selectivity_main(args, device, dtype, runtime):
     sets = read_prompt_sets((args.target, args.distractor), args.n_prompts)
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, None, args.trust_remote_code)
-    stats = [mean_abs_activations(model, tok, texts, device, args.batch_size, args.max_prompt_tokens,
+    stats = [mean_abs_activations(model, tok, texts, device, args.batch_size or 16, args.max_prompt_tokens,
                                   ActivationStats(), name, dtype) for texts, name in zip(sets, ("target", "distractor"))]
     S, mu_t, mu_d, sigma = selectivity(*stats)
     meta = {"cotprune_scores": "1", "model": resolved_model(args.model),

@@ -34,7 +34,8 @@ from common.checkpoints import folder_fingerprint, read_checkpoint_meta, tensor_
 from common.cli import ArgumentParser, CotpruneError, log, run_cli
 from common.files import atomic_open, check_parent_writable, read_json, write_json
 from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, index_records,
-                            index_summaries, interval, mdd_paragraph, model_key, paper, signed, table, to_json, with_sd)
+                            index_summaries, interval, mdd_paragraph, model_key, paper, signed, table, to_json,
+                            with_sd, VERDICT_NOTE)
 from common.studies import CONTENTION_NOTE, contention_mark, neuron_report, rac_report
 
 HIST_BINS, HIST_RANGE = 256, (-0.1, 0.1)  # asand §3
@@ -272,7 +273,7 @@ def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles
         "Under eq. 6 as printed (HSIC(X, Y) = tr(XYᵀ)²), linear CKA on weight vectors is the square of the centred "
         "alignment s_cent, so its rank coefficients equal s_cent's.", sim]
     parts += [f"![{name}]({name})" for name in figures]
-    parts += ["### What this run can and cannot tell",
+    parts += ["### What this run can and cannot tell", VERDICT_NOTE,
               magnitude_claims(rows, cmp, versus, styles, est, base, n, rec)]
     return "\n\n".join(parts) + "\n", {"comparisons": [{"label": k[0], "style": k[1], "quantity": k[2], **v}
                                                      for k, v in cmp.items() if v], "holm_m": m_holm}

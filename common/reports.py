@@ -184,6 +184,10 @@ def verdict(lo, hi, expected_sign):
     return "cannot resolve it (the interval includes no change)"
 
 
+VERDICT_NOTE = ("Each claim is one question asked in advance, read from its own 95 % interval (no multiple-comparison "
+                "correction); the * marks in the tables above are the Holm-corrected tests of every comparison.")
+
+
 def signed(v, digits=3):
     return "—" if v is None or math.isnan(v) else f"{v:+.{digits}f}".replace("-", "−")
 

@@ -13,7 +13,8 @@ from common.checkpoints import read_checkpoint_meta
 from common.cli import CotpruneError
 from common.files import read_json
 from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, interval,
-                            mdd_paragraph, model_key, paper, perplexity_compare, perplexity_estimate, table, with_sd)
+                            mdd_paragraph, model_key, paper, perplexity_compare, perplexity_estimate, table, with_sd,
+                            VERDICT_NOTE)
 
 RAC_LABELS = {("magnitude", ""): "magnitude", ("wanda", "text"): "Wanda, generic text",
               ("sparsegpt", "text"): "SparseGPT, generic text", ("sparsegpt", "prompts"): "SparseGPT, prompt-only",
@@ -129,7 +130,7 @@ def rac_report(base, models, scores, ppl, summaries):
     ref = paper("rac")
     parts += ["The RAC paper's figures, quoted for comparison (" + ref["source"] + "):",
               table(ref["columns"], [[a, b] + [fmt(v, 3) for v in rest] for a, b, *rest in ref["rows"]])]
-    parts += ["### What this run can and cannot tell", rac_claims(cmp, spread, n, dense)]
+    parts += ["### What this run can and cannot tell", VERDICT_NOTE, rac_claims(cmp, spread, n, dense)]
     data = [{k: v for k, v in r.items()} for r in rows]
     data.append({"comparisons": [{"a": a["label"], "b": b["label"], "level": b["level"], **c} for a, b, c in cmp],
                  "holm_m": m})
@@ -264,7 +265,7 @@ def neuron_report(base, models, scores, summaries):
                         [[x["layer"], x["target_leaning"], x["distractor_leaning"]] for x in layers])]
     parts += [f"The paper's figures, quoted for comparison ({ref['source']}):",
               table(ref["columns"], [[a] + [fmt(v, 2) for v in rest] for a, *rest in ref["rows"]]),
-              "### What this run can and cannot tell", neuron_claims(cmp, n, est[base])]
+              "### What this run can and cannot tell", VERDICT_NOTE, neuron_claims(cmp, n, est[base])]
     data = [{"method": "dense", "nominal_ratio": 0.0, "exact_ratio": 0.0, "model": base, **est[base],
              **{k: (gen(base) or {}).get(k) for k in ("params", "peak_memory_mb", "tokens_per_s", "contended")}}]
     data += [{"method": r["label"], "nominal_ratio": r["nominal"], "exact_ratio": r["exact"], "model": r["folder"],

@@ -44,6 +44,15 @@ def test_traces_resume(tmp_path, tiny_llama, monkeypatch):
     assert traces(tmp_path, tiny_llama, "r.jsonl", "--dtype", "float32") == whole
 
 
+def test_traces_auto_slots_same_as_fixed(tmp_path, tiny_llama):
+    # --batch-size 0 sizes the slots from memory; in float32 a row's tokens do not depend on its batch-mates
+    fixed = traces(tmp_path, tiny_llama, "fixed.jsonl", "--dtype", "float32")
+    out = tmp_path / "auto.jsonl"
+    calibrate.main(["--model", tiny_llama, "--source", "traces", "--tokens", "600", "--max-new-tokens", "12",
+                    "--batch-size", "0", "--dtype", "float32", "-o", str(out)])
+    assert lines(out) == fixed
+
+
 def test_prompts_and_text_sources(tmp_path, tiny_llama):
     out = tmp_path / "p.jsonl"
     calibrate.main(["--model", tiny_llama, "--source", "prompts", "--tokens", "300", "-o", str(out)])
