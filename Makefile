@@ -35,6 +35,11 @@ NEURON_N ?= 16
 NEURON_TOKENS ?= 1024
 RECOVER_STEPS ?= 30
 RECOVER_LR ?= 2e-4
+# the same study on code (make neurons-code): selectivity from standard-library functions, HumanEval pass@1
+CODE_N ?= 32
+CODE_TOKENS ?= 512
+CODE_PROMPTS ?= 800
+CODE_DATA ?= data/stdlib/functions.jsonl
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -66,13 +71,15 @@ NEU := $(OUT)/neurons
 NEU_PRUNED := $(foreach l,$(NEURON_SPARSITIES),selective-$(l) $(foreach s,$(RANDOM_SEEDS),random$(s)-$(l)) reverse-$(l))
 NEU_NAMES := $(NEU_PRUNED) $(foreach l,$(NEURON_SPARSITIES),lora-selective-$(l))
 NEU_EVAL := $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/scores/$(n).summary.json)
+NEC := $(OUT)/neurons-code
+NEC_EVAL := $(foreach n,dense $(NEU_NAMES),$(NEC)/n$(CODE_N)/scores/$(n).summary.json)
 
-.PHONY: help all magnitude rac neurons smoke test test-slow bench venv clean
+.PHONY: help all magnitude rac neurons neurons-code smoke test test-slow bench venv clean
 ## help: list the targets
 help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
-## all: set up .venv, convert the model once, run the three studies, write $(OUT)/report.md
+## all: set up .venv, convert the model once, run the three studies (neurons on math and code), write $(OUT)/report.md
 all: $(OUT)/report.md
 	@echo "report: $(OUT)/report.md"
 
@@ -84,6 +91,9 @@ rac: $(RAC)/n$(RAC_N)/report/report.md
 
 ## neurons: the task-specific neuron study alone (selective/random/reverse MLP neuron removal, LoRA, traps)
 neurons: $(NEU)/n$(NEURON_N)/report/report.md
+
+## neurons-code: the neuron study on code (stdlib selectivity and LoRA data, HumanEval pass@1 in the sandbox)
+neurons-code: $(NEC)/n$(CODE_N)/report/report.md
 
 ## venv: create .venv with the pinned run-time and test dependencies
 venv: $(VENV)/.installed
@@ -191,7 +201,34 @@ $(NEU)/n$(NEURON_N)/report/report.md: $(NEU_EVAL) correlate.py $(COMMON)
 	  --scores $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/scores/$(n).jsonl) \
 	  --summaries $(foreach n,dense $(NEU_NAMES),$(NEU)/n$(NEURON_N)/gen/$(n).summary.json) -o $(@D)
 
-$(OUT)/report.md: $(MAG)/magnitude/report.md $(RAC)/n$(RAC_N)/report/report.md $(NEU)/n$(NEURON_N)/report/report.md
+# ---- the neuron study on code: its own selectivity and LoRA data; random removal is the math study's models
+$(NEC)/selectivity.safetensors: $(MODELS)/s0/config.json $(CODE_DATA) calibrate.py $(COMMON)
+	$(PY) calibrate.py --model $(MODELS)/s0 --source selectivity --target $(CODE_DATA) --n-prompts $(CODE_PROMPTS) \
+	  --batch-size $(BATCH) $(RT_FLAGS) -o $@
+$(NEC)/models/dense/config.json: $(MODELS)/s0/config.json
+	mkdir -p $(NEC)/models && ln -sfn $(abspath $(MODELS)/s0) $(NEC)/models/dense
+$(NEC)/models/random%/config.json: $(NEU)/models/random%/config.json
+	mkdir -p $(NEC)/models && ln -sfn $(abspath $(NEU)/models/random$*) $(NEC)/models/random$*
+$(NEC)/models/selective-%/config.json: $(NEC)/selectivity.safetensors prune.py $(COMMON)
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-selective --sparsity $* --multiple $(MULTIPLE) --scores $< -o $(@D)
+$(NEC)/models/reverse-%/config.json: $(NEC)/selectivity.safetensors prune.py $(COMMON)
+	$(PY) prune.py --model $(MODELS)/s0 --method neuron-reverse --sparsity $* --multiple $(MULTIPLE) --scores $< -o $(@D)
+# the paper's code recipe (Table 7): rank 16, alpha 32, lr 2e-4
+$(NEC)/models/lora-%/config.json: $(NEC)/models/%/config.json $(CODE_DATA) recover.py $(COMMON)
+	$(PY) recover.py --model $(NEC)/models/$* $(CODE_DATA) --rank 16 --alpha 32 --lr $(RECOVER_LR) \
+	  --max-steps $(RECOVER_STEPS) $(RT_FLAGS) -o $(@D)
+$(NEC)/n$(CODE_N)/gen/%.jsonl: $(NEC)/models/%/config.json data/humaneval/test.jsonl generate.py $(COMMON)
+	$(PY) generate.py --model $(NEC)/models/$* --style code --max-new-tokens $(CODE_TOKENS) --limit $(CODE_N) \
+	  --batch-size $(BATCH) $(RT_FLAGS) data/humaneval/test.jsonl -o $@
+$(NEC)/n$(CODE_N)/scores/%.summary.json: $(NEC)/n$(CODE_N)/gen/%.jsonl score.py $(COMMON)
+	$(PY) score.py $< -o $(@:.summary.json=.jsonl)
+$(NEC)/n$(CODE_N)/report/report.md: $(NEC_EVAL) correlate.py $(COMMON)
+	$(PY) correlate.py --study neurons --base $(NEC)/models/dense --models $(addprefix $(NEC)/models/,$(NEU_NAMES)) \
+	  --scores $(foreach n,dense $(NEU_NAMES),$(NEC)/n$(CODE_N)/scores/$(n).jsonl) \
+	  --summaries $(foreach n,dense $(NEU_NAMES),$(NEC)/n$(CODE_N)/gen/$(n).summary.json) -o $(@D)
+
+$(OUT)/report.md: $(MAG)/magnitude/report.md $(RAC)/n$(RAC_N)/report/report.md $(NEU)/n$(NEURON_N)/report/report.md \
+                  $(NEC)/n$(CODE_N)/report/report.md
 	{ echo "# cotprune report: $(SLUG)"; echo; \
 	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, $(if $(filter 0,$(BATCH)),slots as memory allows,$(BATCH) slots), dtype $(DTYPE); made $$(date -u +%F) on" \
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
@@ -202,7 +239,8 @@ smoke: $(VENV)/.installed
 	$(PY) tests/tiny.py out/smoke/tiny-llama
 	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.5" BATCH=4 \
 	  RAC_SPARSITIES= RAC_NM=2:4 RAC_N=4 RAC_TOKENS=32 CALIB_SAMPLES=4 SEQLEN=64 CALIB_TOKENS=400 HELDOUT_TOKENS=200 \
-	  NEURON_SPARSITIES=0.5 MULTIPLE=32 NEURON_PROMPTS=16 RANDOM_SEEDS=42 NEURON_N=4 NEURON_TOKENS=32 RECOVER_STEPS=3
+	  NEURON_SPARSITIES=0.5 MULTIPLE=32 NEURON_PROMPTS=16 RANDOM_SEEDS=42 NEURON_N=4 NEURON_TOKENS=32 RECOVER_STEPS=3 \
+	  CODE_N=4 CODE_TOKENS=32 CODE_PROMPTS=16
 
 ## test: the test suite, offline, CPU only (a few minutes)
 test: $(VENV)/.installed

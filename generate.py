@@ -1,11 +1,14 @@
-"""Generate answers to GSM8K-style questions with a model, continuously batched, resumably.
+"""Generate answers to GSM8K-style questions or HumanEval tasks with a model, continuously batched, resumably.
 
     python generate.py --model out/M0 --style cot data/gsm8k/test.jsonl --limit 50 -o gen/cot-M0.jsonl
     python generate.py --model embedded --style chat --limit 5 data/gsm8k/test.jsonl | python score.py - > scored.jsonl
     head -3 data/gsm8k/test.jsonl | python generate.py --model embedded --style direct - -o -
     python generate.py --model out/s0.5 --perplexity calib/heldout-traces.jsonl -o ppl/s0.5.jsonl
+    python generate.py --model embedded --style code --limit 16 data/humaneval/test.jsonl -o gen/code.jsonl
 
-Input records need `id` and `question`; every other field (the gold `answer`, say) passes through. Each output
+Input records need `id` and `question`; every other field (the gold `answer`, a HumanEval task's `task_id`,
+`entry_point` and `test`) passes through. --style code puts the neuron paper's E.2 instruction and the question (a
+HumanEval stub) in the chat template, for score.py to run against the task's tests. Each output
 record adds: style, model, prompt, output, prompt_tokens, new_tokens (the EOS included), stop ('eos', 'length',
 or 'stop' for a stop string or, with --stop-boxed, a closed \\boxed{}), seconds (from the row's prefill to its
 last token). --batch-size rows decode together, each in its own slot of a static KV cache; when one ends the next
@@ -34,11 +37,13 @@ from common.models import load_model, load_tokenizer, model_source, resolved_mod
 from common.runtime import (CONTENDED, CpuMeter, add_runtime_flags, describe_runtime, param_counts,
                             peak_memory_mb, resolve_device, resolve_dtype, runtime_info, set_seed)
 
-STYLES = {  # the paper's two protocols (asand §3) and the chat template the RAC and neuron studies use
+STYLES = {  # the paper's two protocols (asand §3), the chat template the RAC and neuron studies use, and the
+    # neuron paper's HumanEval setting (App. D: greedy, 512 new tokens, EOS stop; E.2 instruction)
     "cot": {"template": "Solve this step by step: Question: {q} Step 1:", "max_new_tokens": 150,
             "stop": ["\nQuestion:"]},
     "direct": {"template": "Question: {q} Answer:", "max_new_tokens": 30, "stop": ["\nQuestion:"]},
     "chat": {"template": None, "max_new_tokens": 512, "stop": []},
+    "code": {"template": None, "max_new_tokens": 512, "stop": []},
 }
 
 
@@ -47,14 +52,17 @@ BOXED_RE = re.compile(r"\\boxed\{")
 
 def build_parser():
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("input", nargs="?", default="-", help="JSONL of {id, question, ...}; - = stdin")
+    p.add_argument("input", nargs="?", default="-",
+                   help="JSONL of {id, question, ...}; - = stdin (code: data/humaneval/test.jsonl, question = the "
+                        "task's stub)")
     p.add_argument("--model", required=True, help="hub id, model folder, .gguf file, or 'embedded'")
     p.add_argument("-o", "--out", default="-", help="output JSONL; - = stdout (no resume)")
     p.add_argument("--style", choices=sorted(STYLES), default="cot", help="prompt protocol")
-    p.add_argument("--max-new-tokens", type=count, default=0, help="generation cap; 0 = the style's (150/30/512)")
+    p.add_argument("--max-new-tokens", type=count, default=0,
+                   help="generation cap; 0 = the style's (cot 150, direct 30, chat and code 512)")
     p.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (cut from the output); default: the style's ('\\nQuestion:' "
-                        "for cot and direct, none for chat)")
+                        "for cot and direct, none for chat and code)")
     p.add_argument("--stop-strings", action=argparse.BooleanOptionalAction, default=True,
                    help="cut at stop strings (--stop, else the style's); --no-stop-strings: none at all")
     p.add_argument("--stop-boxed", action=argparse.BooleanOptionalAction, default=False,
@@ -76,8 +84,8 @@ def build_parser():
 
 def build_prompt(tokenizer, style, question):
     """(prompt text, token ids). The chat style's template already holds the special tokens."""
-    if style == "chat":
-        return chat_prompt(tokenizer, question)
+    if style in ("chat", "code"):
+        return chat_prompt(tokenizer, question, "code" if style == "code" else "math")
     text = STYLES[style]["template"].format(q=question)
     return text, tokenizer(text)["input_ids"]
 

@@ -1,13 +1,17 @@
-"""Recover a pruned model with LoRA in plain torch: train adapters on GSM8K solutions, merge, save a model folder.
+"""Recover a pruned model with LoRA in plain torch: train adapters on GSM8K or code solutions, merge, save a model folder.
 
     python recover.py --model out/n25 --max-steps 100 --lr 2e-4 -o out/n25-lora
     python recover.py --model out/s0.5 -o out/s0.5-lora       # the neuron paper's math recipe: r 8, alpha 16, 2 epochs
+    python recover.py --model out/c25 data/stdlib/functions.jsonl --rank 16 --alpha 32 --lr 2e-4 -o out/c25-lora
     head -200 data/gsm8k/train.jsonl | python recover.py --model out/n25 - --epochs 1 -o out/n25-lora
 
 Data: records with `question` and `answer` (GSM8K: reasoning with calculator notes <<...>>, then '#### N'). Each
 becomes the chat prompt the evaluation uses (common.chat_prompt) followed by the target: the reasoning without the
 calculator notes, then 'The final answer is \\boxed{N}.' and the end-of-turn token, as the chat template closes an
-assistant turn. The loss is the mean cross-entropy over target tokens only; logits are computed for those alone.
+assistant turn. Records with `question` and `solution` instead (data/stdlib/functions.jsonl: a function's stub,
+then its source) train the code task: the prompt generate.py --style code uses, and the source as the target (it
+must parse as Python). The loss is the mean cross-entropy over target tokens only; logits are computed for those
+alone.
 
 LoRA (Hu et al. 2021): each chosen Linear y = W x becomes y = W x + (alpha / r) B A dropout(x), with A [r, in]
 Kaiming-uniform, B [out, r] zero and W frozen. The base runs in bfloat16 where the device has it, the adapters are
@@ -53,7 +57,8 @@ TRAINING_FLAGS = ("model", "input", "limit", "targets", "rank", "alpha", "dropou
 def build_parser():
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("input", nargs="?", default=DEFAULT_DATA,
-                   help="JSONL of {id, question, answer} (GSM8K format); - = stdin; default GSM8K train")
+                   help="JSONL of {id, question, answer} (GSM8K format) or {id, question, solution} (code); "
+                        "- = stdin; default GSM8K train")
     p.add_argument("--model", required=True, help="model folder to recover (hub id, .gguf or 'embedded' work too)")
     p.add_argument("-o", "--out", required=True, help="output folder: merged model, adapter, loss log, report")
     p.add_argument("--targets", default=PROJECTIONS, help="comma-separated Linear names inside the decoder blocks")
@@ -91,14 +96,37 @@ def solution_target(answer):
     return f"{body}\nThe final answer is \\boxed{{{final.strip().replace(',', '')}}}."
 
 
-def encode_example(tokenizer, question, answer, eos_ids):
+def task_of(records, name):
+    """'math' (every record has `answer`) or 'code' (every record has `solution`); refused otherwise."""
+    kinds = {("answer" in r) - ("solution" in r) for r in records}
+    if kinds == {1}:
+        return "math"
+    if kinds == {-1}:
+        return "code"
+    raise CotpruneError(f"{name}: each record needs `answer` (math) or `solution` (code), all of one kind")
+
+
+def example_target(rec, task):
+    """The assistant's target text of one record; ValueError if it has none."""
+    if task == "math":
+        return solution_target(rec["answer"])
+    import ast
+    try:
+        ast.parse(rec["solution"])
+    except SyntaxError as e:
+        raise ValueError(f"its solution is not Python ({e.msg}, line {e.lineno})") from None
+    if not rec["solution"].strip():
+        raise ValueError("its solution is empty")
+    return rec["solution"].rstrip() + "\n"
+
+
+def encode_example(tokenizer, question, target, eos_ids, task="math"):
     """(prompt ids, target ids): the evaluation's chat prompt, then the assistant turn up to its end-of-turn token.
 
     The target is cut from the template's rendering of the whole conversation, so it closes the turn exactly as
     the chat template does; the prompt is tokenised alone, as generate.py tokenises it."""
-    prompt_text, prompt_ids = chat_prompt(tokenizer, question)
-    target = solution_target(answer)
-    convo = tokenizer.apply_chat_template(chat_messages(question, target), tokenize=False)
+    prompt_text, prompt_ids = chat_prompt(tokenizer, question, task)
+    convo = tokenizer.apply_chat_template(chat_messages(question, target, task), tokenize=False)
     if not convo.startswith(prompt_text):  # a template that rewrites earlier turns: the target text, then EOS
         convo = prompt_text + target + (tokenizer.eos_token or "")
     ids = tokenizer(convo[len(prompt_text):], add_special_tokens=False)["input_ids"]
@@ -106,12 +134,12 @@ def encode_example(tokenizer, question, answer, eos_ids):
     return prompt_ids, ids[: end + 1] if end is not None else ids + [tokenizer.eos_token_id]
 
 
-def build_examples(tokenizer, records, name, eos_ids, max_length):
+def build_examples(tokenizer, records, name, eos_ids, max_length, task="math"):
     """[(prompt ids, target ids)] of the records that fit in max_length tokens."""
     examples, skipped = [], 0
     for i, r in enumerate(records, 1):
         try:
-            p, t = encode_example(tokenizer, r["question"], r["answer"], eos_ids)
+            p, t = encode_example(tokenizer, r["question"], example_target(r, task), eos_ids, task)
         except ValueError as e:
             raise CotpruneError(f"{name}: record {i} (id {r.get('id', '?')!r}): {e}") from None
         if len(p) + len(t) > max_length:
@@ -350,13 +378,15 @@ def main(argv=None):
     check_output_folder(args.out, "recover", [args.model, args.input])
     part = checkpoint_folder(args.out, create=False)
     records = read_jsonl(args.input, args.limit)
-    require_fields(records, ["id", "question", "answer"] if records and "id" in records[0] else ["question", "answer"],
-                   args.input, strings=["question", "answer"])
     if not records:
         raise CotpruneError(f"{args.input} holds no training records")
-    for i, r in enumerate(records, 1):  # a record without '#### N' fails here, before the model is loaded
+    task = task_of(records, args.input)
+    field = "answer" if task == "math" else "solution"
+    require_fields(records, ["id", "question", field] if "id" in records[0] else ["question", field],
+                   args.input, strings=["question", field])
+    for i, r in enumerate(records, 1):  # a record without '#### N' or code fails here, before the model is loaded
         try:
-            solution_target(r["answer"])
+            example_target(r, task)
         except ValueError as e:
             raise CotpruneError(f"{args.input}: record {i} (id {r.get('id', '?')!r}): {e}") from None
     model_source(args.model)  # a missing model fails here, before any work
@@ -368,7 +398,7 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in TRAINING_FLAGS}
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
-    examples = build_examples(tok, records, args.input, eos_token_ids(model, tok), args.max_length)
+    examples = build_examples(tok, records, args.input, eos_token_ids(model, tok), args.max_length, task)
     masked = masked_matrices(args.model)
     if masked is None and args.keep_mask:
         log(f"{args.model} has no cotprune prune report: matrices with >= {args.mask_min_sparsity:.2%} exact zeros "

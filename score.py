@@ -10,6 +10,14 @@ F = 0.30 f_numeric + 0.20 f_connectors + 0.20 f_cues + 0.15 f_steps + 0.15 f_ali
 docs/scoring.md defines each part, how LaTeX and markdown are read, and the answer forms accepted. Records need
 `id` and a string `output`; `answer` (GSM8K '#### N') or `gold` enables accuracy; `prompt` and `stop` (from
 generate.py) refine answer finding and trap detection. Every step is linear in the length of the output.
+
+Code records (generate.py --style code on data/humaneval/test.jsonl: `question` the task's stub, `entry_point`,
+`test`) are run instead: each gains program (the code extracted from the output, common.sandbox.extract_code),
+passed (a boolean: the task's tests ran to the end in the sandbox), result ('passed', 'failed: ...', 'timed out',
+'crashed: ...'), test_seconds, and the same trap fields (Type 1: the output held a complete function before the
+loop). No F: its parts read arithmetic prose, not code. The summary gives pass@1 (and pass@k, Chen et al. 2021, for
+every k up to the fewest samples of a task when tasks were sampled more than once, records sharing a `task_id`).
+Each sample runs in its own limited subprocess (common/sandbox.py; not a security boundary: docs/scoring.md).
 """
 import functools
 import math
@@ -18,7 +26,7 @@ import re
 
 import numpy as np
 
-from common.cli import ArgumentParser, CotpruneError, count, log, run_cli
+from common.cli import ArgumentParser, CotpruneError, count, log, positive, positive_float, run_cli
 from common.files import check_output_file, read_jsonl, require_fields, write_json, write_jsonl
 from common.mathtext import BOXED_MAX, brace_pairs, claims, normalise_math, read_number, to_number
 
@@ -60,6 +68,10 @@ def build_parser():
     p.add_argument("-o", "--out", default="-", help="scored JSONL; - = stdout")
     p.add_argument("--summary", default=None, help="summary JSON; default OUT.summary.json (none for stdout)")
     p.add_argument("--limit", type=count, default=0, help="first N records; 0 = all")
+    p.add_argument("--workers", type=positive, default=max(1, os.cpu_count() or 1),
+                   help="code: samples tested at once, one subprocess each (default: the CPU count)")
+    p.add_argument("--timeout", type=positive_float, default=3.0,
+                   help="code: seconds per sample (the neuron paper's 3 s); the wall clock allows 1 s more")
     return p
 
 
@@ -239,12 +251,13 @@ def find_loop(text, max_period=LOOP_MAX_PERIOD, min_repeats=LOOP_MIN_REPEATS, mi
     return None
 
 
-def trap_type(text, stop=None, prompt=""):
+def trap_type(text, stop=None, prompt="", complete=None):
     """('none' | 'type1' | 'type2', loop). A trap is a loop at the end of an output that did not end in EOS
     (neuron paper §4.7), found on the text with whitespace runs collapsed to one space (loop offsets refer to
     that text). A tail of LOOP_MIN_CHARS or more whitespace characters (a model emitting blanks until the cap)
     is a loop of period 1 that the collapsing would hide. Type 1: a complete answer was stated before the loop's
-    second repetition began; Type 2: not."""
+    second repetition began; Type 2: not. For code, complete(the original text before the loop began) decides:
+    a function body written before the repetition started (a loop inside the body is Type 2)."""
     norm = re.sub(r"\s+", " ", text)
     loop = find_loop(norm)
     if len(text) - len(text.rstrip()) >= LOOP_MIN_CHARS:
@@ -252,17 +265,38 @@ def trap_type(text, stop=None, prompt=""):
     if loop is None or stop in ("eos", "stop"):
         return "none", loop
     start, period = loop
+    if complete is not None:
+        return ("type1" if complete(text[: original_offset(text, start)]) else "type2"), loop
     return ("type1" if stated_answer(norm[: start + period], prompt) else "type2"), loop
+
+
+def original_offset(text, at):
+    """The offset in text of offset `at` in re.sub(r'\\s+', ' ', text)."""
+    seen = 0
+    for m in re.finditer(r"\s+|\S+", text):
+        width = 1 if m.group()[0].isspace() else len(m.group())
+        if seen + width >= at:
+            return m.start() + (at - seen if not m.group()[0].isspace() else min(at - seen, 1))
+        seen += width
+    return len(text)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
+def is_code(records):
+    return bool(records) and (records[0].get("style") == "code" or "entry_point" in records[0])
+
+
 def check_records(records, name):
     """Refuse, naming file and record, what scoring cannot read: no records, a non-string output / answer /
-    prompt, a gold that is neither a number nor a string, an id that is neither a string nor an integer."""
+    prompt, a gold that is neither a number nor a string, an id that is neither a string nor an integer; for code,
+    records without the task's stub, entry point and tests."""
     if not records:
         raise CotpruneError(f"{name}: no records")
     require_fields(records, ["id", "output"], name, strings=("output", "answer", "prompt"))
+    if is_code(records):
+        require_fields(records, ["question", "entry_point", "test"], name,
+                       strings=("question", "entry_point", "test", "task_id"))
     for i, rec in enumerate(records, 1):
         gold = rec.get("gold")
         if gold is not None and (isinstance(gold, bool) or not isinstance(gold, (str, int, float))):
@@ -280,6 +314,49 @@ def score_record(rec):
     return {**rec, "pred": pred, "gold": gold, "correct": is_correct(pred, gold) if gold is not None else None,
             "F": F, **parts, "trap": trap, "loop_start": loop[0] if loop else None,
             "loop_period": loop[1] if loop else None}
+
+
+def score_code(records, workers, timeout):
+    """Extract each sample's program, run all of them against their tasks' tests in the sandbox, add the fields."""
+    from common.sandbox import extract_code, implements, run_many
+    programs = [extract_code(r["output"], r["question"], r["entry_point"]) for r in records]
+    results = run_many([{"program": prog, "test": r["test"], "entry_point": r["entry_point"], "prompt": r["question"]}
+                        for prog, r in zip(programs, records)], workers=workers, timeout=timeout)
+    out = []
+    for r, prog, res in zip(records, programs, results):
+        trap, loop = trap_type(r["output"], r.get("stop"), complete=lambda head, r=r: implements(
+            extract_code(head, r["question"], r["entry_point"]), r["entry_point"]))
+        out.append({**r, "program": prog, "passed": res["passed"], "result": res["result"],
+                    "test_seconds": res["seconds"], "trap": trap, "loop_start": loop[0] if loop else None,
+                    "loop_period": loop[1] if loop else None})
+    return out
+
+
+def pass_at(scored):
+    """{k: mean over tasks of the unbiased pass@k} for k = 1 .. the fewest samples any task has."""
+    from common.sandbox import pass_at_k
+    tasks = {}
+    for r in scored:
+        tasks.setdefault(r.get("task_id", r["id"]), []).append(bool(r["passed"]))
+    kmax = min(map(len, tasks.values()))
+    return {k: float(np.mean([pass_at_k(len(v), sum(v), k) for v in tasks.values()])) for k in range(1, kmax + 1)}
+
+
+def summarize_code(scored):
+    n = len(scored)
+    rate = lambda hit: sum(map(hit, scored)) / n  # noqa: E731
+    first = scored[0]
+    ks = pass_at(scored)
+    out = {"stage": "score", "model": first.get("model"), "style": first.get("style"), "n": n,
+           "tasks": len({r.get("task_id", r["id"]) for r in scored}), "pass_at_1": ks[1],
+           **({f"pass_at_{k}": v for k, v in ks.items() if k > 1}),
+           "timed_out_rate": rate(lambda r: r["result"] == "timed out"),
+           "trap_rate": rate(lambda r: r["trap"] != "none"), "type1_rate": rate(lambda r: r["trap"] == "type1"),
+           "type2_rate": rate(lambda r: r["trap"] == "type2")}
+    if "new_tokens" in first:
+        out["mean_new_tokens"] = float(np.mean([r["new_tokens"] for r in scored]))
+        out["cutoff_rate"] = rate(lambda r: r.get("stop") == "length")
+    return out
 
 
 def summarize(scored):
@@ -309,12 +386,17 @@ def main(argv=None):
         check_output_file(args.summary)
     records = read_jsonl(args.input, args.limit)
     check_records(records, name)
-    scored = [score_record(r) for r in records]
-    summary = summarize(scored)
+    code = is_code(records)
+    scored = score_code(records, args.workers, args.timeout) if code else [score_record(r) for r in records]
+    summary = summarize_code(scored) if code else summarize(scored)
     write_jsonl(args.out, scored)
     summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
     if summary_path:
         write_json(summary_path, summary)
+    if code:
+        log(f"{summary['n']} samples of {summary['tasks']} tasks: pass@1 {summary['pass_at_1']:.3f}, "
+            f"traps {summary['trap_rate']:.3f}, timed out {summary['timed_out_rate']:.3f}")
+        return
     unread = sum(s["gold"] is None and (r.get("gold") is not None or "####" in r.get("answer", ""))
                  for r, s in zip(records, scored))
     if unread:

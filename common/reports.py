@@ -30,9 +30,11 @@ PAPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 # quantity: (kind, value of one record or None where it does not apply); "mean" quantities are bootstrapped,
 # "rate" ones are booleans with an exact interval
 QUANTITIES = {
-    "F": ("mean", lambda r: r["F"]),
-    **{k: ("mean", lambda r, k=k: r[k]) for k in ("f_numeric", "f_connectors", "f_cues", "f_steps", "f_alignment")},
+    "F": ("mean", lambda r: r.get("F")),  # code records have no F
+    **{k: ("mean", lambda r, k=k: r.get(k)) for k in ("f_numeric", "f_connectors", "f_cues", "f_steps",
+                                                        "f_alignment")},
     "accuracy": ("rate", lambda r: r.get("correct")),
+    "pass_at_1": ("rate", lambda r: r.get("passed")),  # code: one greedy sample per task
     "trap_rate": ("rate", lambda r: r["trap"] != "none"),
     "type1_rate": ("rate", lambda r: r["trap"] == "type1"),
     "type2_rate": ("rate", lambda r: r["trap"] == "type2"),
@@ -51,7 +53,7 @@ def index_records(paths, stage):
     """{(model key, style): {id: record}} from score.py outputs (stage 'score') or generate.py --perplexity outputs
     (stage 'perplexity', style 'traces'). One file per model and style; records name their model."""
     out, where = {}, {}
-    need = ("style", "F", "trap") if stage == "score" else ("nll", "trace_tokens")
+    need = ("style", "trap") if stage == "score" else ("nll", "trace_tokens")
     for path in paths:
         records = read_jsonl(path)
         if not records:
@@ -205,9 +207,10 @@ def claim(text, evidence, lo, hi, expected_sign, note=""):
     return f"- *{text}* Here: {evidence}. This run **{verdict(lo, hi, expected_sign)}**{note}."
 
 
-def mdd_paragraph(n, comparisons_f, base_accuracy):
+def mdd_paragraph(n, comparisons_f, base_accuracy, measure="accuracy", unit="problems"):
     """The smallest differences a paired run of n problems detects at alpha 0.05 with 80 % power, from the
-    spread of the F differences it measured and the dense model's accuracy (normal approximations)."""
+    spread of the F differences it measured and the dense model's accuracy (or pass@1: `measure`; normal
+    approximations)."""
     sds = [c["sd"] for c in comparisons_f if c and c.get("sd") is not None and c["sd"] > 0]
     parts = []
     if sds and n:
@@ -218,13 +221,13 @@ def mdd_paragraph(n, comparisons_f, base_accuracy):
     if base_accuracy is not None and n:
         p = min(max(base_accuracy, 0.5 / n), 1 - 0.5 / n)
         rare = n * min(p, 1 - p) < 5
-        parts.append(f"a difference in accuracy of about {stats.min_detectable_difference(n, p=p):.3f} at the dense "
-                     f"model's accuracy {base_accuracy:.3f}")
+        parts.append(f"a difference in {measure} of about {stats.min_detectable_difference(n, p=p):.3f} at the "
+                     f"dense model's {measure} {base_accuracy:.3f}")
     if not parts:
         return ""
-    return (f"With {n} problems this run detects, at α = 0.05 with 80 % power (normal approximation), "
+    return (f"With {n} {unit} this run detects, at α = 0.05 with 80 % power (normal approximation), "
             + " and ".join(parts) + "; smaller true differences are likely to be missed."
-            + (" With fewer than 5 expected correct answers the approximation is optimistic for accuracy: an exact "
+            + (f" With fewer than 5 expected correct answers the approximation is optimistic for {measure}: an exact "
                "test needs larger differences still." if rare else ""))
 
 

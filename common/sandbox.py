@@ -2,6 +2,7 @@
 
     read_humaneval   HumanEval.jsonl.gz -> [{task_id, prompt, canonical_solution, test, entry_point}]
     extract_code     a model's answer -> a runnable program for its task (rules in its docstring)
+    implements       does a program give the entry point a body (more than its docstring, pass or ...)?
     run_tests        one program against one task's tests in a fresh subprocess -> {passed, result, seconds}
     run_many         many jobs on a thread pool (one subprocess each), results in input order
     pass_at_k        the unbiased estimator of Chen et al. (2021), eq. 1
@@ -268,6 +269,25 @@ def extract_code(output, prompt, entry_point):
     if not _parses(program):  # a prompt that does not parse itself: nothing to remove tests from
         return program + "\n"
     return _drop_test_code(program, entry_point, from_line=head.count("\n")) + "\n"
+
+
+def implements(program, entry_point):
+    """Does the program define entry_point at the top level with a body beyond its docstring, `pass` or `...`?
+    (score.py: a degeneration loop after a complete function is a Type 1 trap, one inside or before it Type 2.)"""
+    try:
+        tree = ast.parse(program)
+    except (SyntaxError, ValueError):
+        return False
+    fns = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == entry_point]
+    if not fns:
+        return False
+    body = fns[-1].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    trivial = lambda n: isinstance(n, ast.Pass) or (  # noqa: E731
+        isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and n.value.value is Ellipsis)
+    return any(not trivial(n) for n in body)
 
 
 # ------------------------------------------------------------------------------------ the child (harness)

@@ -184,9 +184,31 @@ def neuron_model_info(folder):
     return label, rep["neurons"]["nominal_ratio"], rep["neurons"]["exact_ratio"], rep
 
 
+NEURON_TASKS = {  # what the neuron study measures on each task (score.py records; generate.py --style)
+    "math": {"style": "chat", "measure": "accuracy", "name": "accuracy", "paper": "neurons", "F": True,
+             "what": "GSM8K test problems with the chat prompt", "complete": "a complete answer",
+             "unit": "problems"},
+    "code": {"style": "code", "measure": "pass_at_1", "name": "pass@1", "paper": "neurons-code", "F": False,
+             "what": "HumanEval tasks with the code prompt (the paper's E.2 instruction), each run against its "
+                     "tests in the sandbox", "complete": "a complete function", "unit": "tasks"},
+}
+
+
+def neuron_task(scores):
+    """'math' or 'code', from the styles of the score records passed; both at once is refused."""
+    styles = {style for _, style in scores}
+    tasks = [t for t, c in NEURON_TASKS.items() if c["style"] in styles]
+    if len(tasks) > 1:
+        raise CotpruneError("--scores hold both chat (math) and code records: make one neuron report per task")
+    return tasks[0] if tasks else "math"
+
+
 def neuron_report(base, models, scores, summaries):
-    rec = lambda f: scores.get((model_key(f), "chat"))  # noqa: E731
-    gen = lambda f: summaries.get((model_key(f), "generate", "chat"))  # noqa: E731
+    task = neuron_task(scores)
+    T = NEURON_TASKS[task]
+    style, meas = T["style"], T["measure"]
+    rec = lambda f: scores.get((model_key(f), style))  # noqa: E731
+    gen = lambda f: summaries.get((model_key(f), "generate", style))  # noqa: E731
     info = []
     for f in models:
         label, nom, exact, rep = neuron_model_info(f)
@@ -194,7 +216,7 @@ def neuron_report(base, models, scores, summaries):
             "layers") if rep["method"] != "neuron-random" else None})
     for f in [base] + models:
         if rec(f) is None:
-            raise CotpruneError(f"no chat-style score records (--scores) for {f}")
+            raise CotpruneError(f"no {style}-style score records (--scores) for {f}")
     seen = {}
     for r in info:
         if (r["label"], r["nominal"]) in seen:
@@ -205,7 +227,7 @@ def neuron_report(base, models, scores, summaries):
     methods = list(dict.fromkeys(sorted((r["label"] for r in info if "LoRA" not in r["label"]),
                                         key=lambda s: (not s.startswith("selective"), s.startswith("reverse"), s))))
     cell_of = {(r["label"], r["nominal"]): r["folder"] for r in info}
-    qs = ("accuracy", "trap_rate", "type1_rate", "type2_rate", "F", "mean_new_tokens")
+    qs = (meas, "trap_rate", "type1_rate", "type2_rate", "F", "mean_new_tokens")
     est = {f: {q: estimate(rec(f), q) for q in qs} for f in [base] + models}
     level_name = lambda nom, exact: f"{nom:.0%} ({exact:.2%})"  # noqa: E731
 
@@ -225,12 +247,15 @@ def neuron_report(base, models, scores, summaries):
                 pairs.append(("selective", sel, m, cell_of[(m, nom)], nom))
         if sel and ("selective + LoRA", nom) in cell_of:
             pairs.append(("selective", sel, "selective + LoRA", cell_of[("selective + LoRA", nom)], nom))
+    third = "F" if T["F"] else "mean_new_tokens"  # code has no F: its length carries what signal there is
     cmp = []
     for la, fa, lb, fb, nom in pairs:
-        c = {q: compare(rec(fa), rec(fb), q) for q in ("accuracy", "trap_rate", "F")}
-        with_sd(rec(fa), rec(fb), c["F"])
+        c = {q: compare(rec(fa), rec(fb), q) for q in (meas, "trap_rate", third)}
+        c["measure"] = c[meas]
+        if T["F"]:
+            with_sd(rec(fa), rec(fb), c["F"])
         cmp.append((la, lb, nom, c))
-    m = holm_mark([c[q] for *_, c in cmp for q in ("accuracy", "trap_rate", "F")])
+    m = holm_mark([c[q] for *_, c in cmp for q in (meas, "trap_rate", third)])
 
     resources = table(["model", "parameters", "weights MB", "peak memory MB", "tokens/s"],
                       [[name, f"{(gen(f) or {}).get('params') or 0:,}", fmt((gen(f) or {}).get("param_mb"), 1),
@@ -239,66 +264,71 @@ def neuron_report(base, models, scores, summaries):
                        for name, f in [("original", base)] + [(f"{r['label']} {level_name(r['nominal'], r['exact'])}",
                                                                r["folder"]) for r in info]])
     layers = next((r["layers"] for r in info if r["layers"]), [])  # from the selectivity every S-method read
-    n = est[base]["F"]["n"]
-    ref = paper("neurons")
-    parts = ["## Task-specific neuron pruning, LoRA recovery and traps",
+    n = est[base][meas]["n"] if est[base][meas] else 0
+    ref = paper(T["paper"])
+    title = "Task-specific neuron pruning, LoRA recovery and traps" + (": code" if task == "code" else "")
+    parts = [f"## {title}",
              "MLP neurons removed per layer by target-vs-distractor selectivity (selective: lowest S; reverse: "
              "highest S; random: a seeded draw); the exact share removed is in brackets (the paper's Table 2). Each "
-             f"model answers the same {n} GSM8K test problems with the chat prompt, greedy and unconstrained up to "
-             "the token cap; a trap is an output that ends in a degeneration loop without EOS (Type 1: a complete "
-             "answer came first; a correct Type 1 answer counts as correct, as in the paper). Cells: value with its "
-             "95 % interval (shares: exact Clopper-Pearson; F: bootstrap over problems).",
-             "### Table 3a: accuracy (%) after pruning", by_method("accuracy", 1, 100),
+             f"model answers the same {n} {T['what']}, greedy and unconstrained up to the token cap; a trap is an "
+             f"output that ends in a degeneration loop without EOS (Type 1: {T['complete']} came first; a correct "
+             f"Type 1 answer counts as correct, as in the paper). Cells: value with its 95 % interval (shares: exact "
+             "Clopper-Pearson; means: bootstrap over " + T["unit"] + ").",
+             f"### Table 3a: {T['name']} (%) after pruning", by_method(meas, 1, 100),
              "### Table 3b: traps (%) after pruning", by_method("trap_rate", 1, 100),
              "### Traps by type (%): Type 1", by_method("type1_rate", 1, 100),
-             "### Traps by type (%): Type 2", by_method("type2_rate", 1, 100),
-             "### Faithfulness F after pruning", by_method("F", 3, 1),
-             "### Paired comparisons (Table 4 included: selective against selective + LoRA)",
-             "b − a in percentage points (accuracy, traps) and in F. " + holm_note(m),
-             table(["a", "b", "pruning", "Δ accuracy (pp)", "Δ traps (pp)", "Δ F"],
-                   [[la, lb, f"{nom:.0%}", diff_cell(c["accuracy"], 1, 100), diff_cell(c["trap_rate"], 1, 100),
-                     diff_cell(c["F"])] for la, lb, nom, c in cmp]),
-             "### Table 5: size and speed (generation at the study's batch size)", resources, CONTENTION_NOTE]
+             "### Traps by type (%): Type 2", by_method("type2_rate", 1, 100)]
+    parts += (["### Faithfulness F after pruning", by_method("F", 3, 1)] if T["F"] else
+              ["### Mean new tokens after pruning", by_method("mean_new_tokens", 0, 1)])
+    third_name = "Δ F" if T["F"] else "Δ mean tokens"
+    parts += ["### Paired comparisons (Table 4 included: selective against selective + LoRA)",
+              f"b − a in percentage points ({T['name']}, traps) and in {third_name[2:]}. " + holm_note(m),
+              table(["a", "b", "pruning", f"Δ {T['name']} (pp)", "Δ traps (pp)", third_name],
+                    [[la, lb, f"{nom:.0%}", diff_cell(c[meas], 1, 100), diff_cell(c["trap_rate"], 1, 100),
+                      diff_cell(c[third], 3 if T["F"] else 1)] for la, lb, nom, c in cmp]),
+              "### Table 5: size and speed (generation at the study's batch size)", resources, CONTENTION_NOTE]
     if layers:
         parts += ["### Figure 6: per-layer target- vs distractor-leaning neurons (the dense model's selectivity)",
                   table(["layer", "target-leaning (S > 0)", "distractor-leaning (S < 0)"],
                         [[x["layer"], x["target_leaning"], x["distractor_leaning"]] for x in layers])]
     parts += [f"The paper's figures, quoted for comparison ({ref['source']}):",
               table(ref["columns"], [[a] + [fmt(v, 2) for v in rest] for a, *rest in ref["rows"]]),
-              "### What this run can and cannot tell", VERDICT_NOTE, neuron_claims(cmp, n, est[base])]
-    data = [{"method": "dense", "nominal_ratio": 0.0, "exact_ratio": 0.0, "model": base, **est[base],
+              "### What this run can and cannot tell", VERDICT_NOTE, neuron_claims(cmp, n, est[base], T)]
+    data = [{"task": task, "method": "dense", "nominal_ratio": 0.0, "exact_ratio": 0.0, "model": base, **est[base],
              **{k: (gen(base) or {}).get(k) for k in ("params", "peak_memory_mb", "tokens_per_s", "contended")}}]
-    data += [{"method": r["label"], "nominal_ratio": r["nominal"], "exact_ratio": r["exact"], "model": r["folder"],
-              **est[r["folder"]], **{k: (gen(r["folder"]) or {}).get(k)
-                                     for k in ("params", "peak_memory_mb", "tokens_per_s", "contended")}}
+    data += [{"task": task, "method": r["label"], "nominal_ratio": r["nominal"], "exact_ratio": r["exact"],
+              "model": r["folder"], **est[r["folder"]],
+              **{k: (gen(r["folder"]) or {}).get(k) for k in ("params", "peak_memory_mb", "tokens_per_s", "contended")}}
              for r in info]
-    data.append({"comparisons": [{"a": la, "b": lb, "nominal_ratio": nom, **c} for la, lb, nom, c in cmp],
-                 "holm_m": m})
+    data.append({"comparisons": [{"a": la, "b": lb, "nominal_ratio": nom, **{k: v for k, v in c.items()
+                                                                          if k != "measure"}}
+                                 for la, lb, nom, c in cmp], "holm_m": m})
     return "\n\n".join(parts) + "\n", data
 
 
-def neuron_claims(cmp, n, dense):
-    lines = []
+def neuron_claims(cmp, n, dense, T=NEURON_TASKS["math"]):
+    lines, name = [], T["name"]
     for la, lb, nom, c in cmp:
-        acc, trap = c["accuracy"], c["trap_rate"]
+        acc, trap = c["measure"], c["trap_rate"]
         if la != "selective" or not (acc and trap):
             continue
         if lb == "selective + LoRA":
-            lines.append(claim("LoRA recovers accuracy after selective pruning (the paper's Table 4).",
-                               f"Δ accuracy = {interval(acc, 1, 100)} pp (McNemar p {acc['p']:.3g}) at {nom:.0%}",
+            lines.append(claim(f"LoRA recovers {name} after selective pruning (the paper's Table 4).",
+                               f"Δ {name} = {interval(acc, 1, 100)} pp (McNemar p {acc['p']:.3g}) at {nom:.0%}",
                                acc["lo"], acc["hi"], +1))
             lines.append(claim("... and removes traps.", f"Δ traps = {interval(trap, 1, 100)} pp (McNemar p "
                                f"{trap['p']:.3g})", trap["lo"], trap["hi"], -1))
         else:
-            lines.append(claim(f"Selective pruning keeps more accuracy than {lb} pruning (the paper's Table 3a).",
-                               f"{lb} − selective: Δ accuracy = {interval(acc, 1, 100)} pp (McNemar p "
+            lines.append(claim(f"Selective pruning keeps more {name} than {lb} pruning (the paper's Table 3a).",
+                               f"{lb} − selective: Δ {name} = {interval(acc, 1, 100)} pp (McNemar p "
                                f"{acc['p']:.3g}) at {nom:.0%}", acc["lo"], acc["hi"], -1))
             lines.append(claim(f"... and falls into fewer traps than {lb} pruning (Table 3b).",
                                f"Δ traps = {interval(trap, 1, 100)} pp (McNemar p {trap['p']:.3g})", trap["lo"],
                                trap["hi"], +1))
-    mdd = mdd_paragraph(n, [c["F"] for la, *_, c in cmp if la == "dense"],
-                        dense["accuracy"]["value"] if dense["accuracy"] else None)
-    if dense["accuracy"] is not None and dense["accuracy"]["value"] == 0:
-        mdd += (" The dense model answers none of the problems correctly, so accuracy cannot separate the "
-                "methods at all here; traps and F carry what signal there is.")
+    base = dense[T["measure"]]
+    mdd = mdd_paragraph(n, [c.get("F") for la, *_, c in cmp if la == "dense"] if T["F"] else [],
+                        base["value"] if base else None, name, T["unit"])
+    if base is not None and base["value"] == 0:
+        mdd += (f" The dense model gets none of the {T['unit']} right, so {name} cannot separate the methods at all "
+                f"here; traps and {'F' if T['F'] else 'lengths'} carry what signal there is.")
     return "\n".join(lines + ([""] if lines else []) + [mdd])

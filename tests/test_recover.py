@@ -34,7 +34,7 @@ def test_solution_target_drops_calculator_notes_and_boxes_the_answer():
 def test_examples_are_the_eval_prompt_then_the_turn_up_to_eos(tiny_llama):
     tok, model = AutoTokenizer.from_pretrained(tiny_llama), load(tiny_llama)
     eos = eos_token_ids(model, tok)
-    p, t = recover.encode_example(tok, "What is 2+2?", "2+2=<<2+2=4>>4\n#### 4", eos)
+    p, t = recover.encode_example(tok, "What is 2+2?", recover.solution_target("2+2=<<2+2=4>>4\n#### 4"), eos)
     assert p == recover.chat_prompt(tok, "What is 2+2?")[1]
     assert t[-1] in eos and not any(x in eos for x in t[:-1])
     assert tok.decode(t[:-1]).strip() == "2+2=4\nThe final answer is \\boxed{4}."
