@@ -250,11 +250,10 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
 
-## bench: float32 vs. bfloat16 and auto's pick, our decoding vs. model.generate, correlate.py cost, SparseGPT vs. its FLOP floor, LoRA and pruned speed (~25 min)
+## bench: float32 vs. bfloat16 and auto's pick, the engine vs. model.generate and the matmul bound, correlate.py cost, SparseGPT vs. its FLOP floor, LoRA and pruned speed (an hour or more)
 bench: $(VENV)/.installed
 	$(PY) bench/bench_dtype.py
 	$(PY) bench/bench_generate.py
-	$(PY) bench/bench_generate.py --style chat --max-new-tokens 256
 	$(PY) bench/bench_correlate.py
 	$(PY) bench/bench_sparsegpt.py
 	$(PY) bench/bench_neurons.py
