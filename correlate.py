@@ -427,6 +427,10 @@ def main(argv=None):
     for style in styles:  # before any weight is read
         for folder in [f for f, _ in models if (model_key(f), style) not in scores]:
             raise CotpruneError(f"no {style}-style score records (--scores) for {folder}")
+        for folder in [f for f, _ in models] + [args.base]:
+            if any(not isinstance(r.get("F"), (int, float)) for r in scores[(model_key(folder), style)].values()):
+                raise CotpruneError(f"a {style}-style score record of {folder} has no F (a number): not score.py's "
+                                    f"math output")
     rows, hists = magnitude_rows(args.base, models)
     files = {"similarity.json": rows,
              "histograms.json": {"bins": HIST_BINS, "range": list(HIST_RANGE), "counts": dict(hists)}}

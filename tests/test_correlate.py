@@ -211,7 +211,7 @@ def test_a_2_of_4_model_and_a_50_percent_model_are_two_rows(tmp_path, chain):
 @pytest.mark.parametrize("case, message", [
     ("duplicate", "both hold score records"), ("no-style", "no style"), ("null-model", "no model"),
     ("score-summary", "pass the scored JSONL"), ("missing-base", "no cot-style score records"),
-    ("no-base-flag", "the following arguments are required: --base")])
+    ("no-base-flag", "the following arguments are required: --base"), ("no-F", "has no F")])
 def test_bad_inputs_are_one_line_and_leave_no_folder(tmp_path, chain, case, message):
     base, folders = chain
     sums = fake_scores(tmp_path, [base] + folders, [0.6, 0.5, 0.3, 0.1])
@@ -230,6 +230,11 @@ def test_bad_inputs_are_one_line_and_leave_no_folder(tmp_path, chain, case, mess
         p = tmp_path / "x.summary.json"
         p.write_text(json.dumps({"stage": "score", "model": base, "style": "cot", "F": 0.5}))
         extra = ["--scores", *sums, "--summaries", str(p)]
+    elif case == "no-F":  # a cot record without F (a code record relabelled, say): refused, not a traceback
+        p = tmp_path / "noF.jsonl"
+        p.write_text("".join(json.dumps({"id": i, "model": folders[0], "style": "cot", "trap": "none"}) + "\n"
+                             for i in range(6)))
+        extra = ["--scores", *sums[:3], str(p), *sums[4:]]
     elif case == "missing-base":
         extra = ["--scores", *sums[:3], *sums[4:]]  # no cot records of the first pruned model
     argv = ["--base", base, "--models", *folders, *extra, "-o", str(tmp_path / "c")]
