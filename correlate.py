@@ -18,7 +18,8 @@ tests, its own figures beside, and what the run can and cannot tell), manifest.j
 source and level, the chat-prompt accuracy, tokens, cut-offs, traps, F and the perplexity of the dense model's
 held-out traces (--perplexity), each with its interval, and paired comparisons (rac.json, report.md).
 --study neurons tabulates the task-specific neuron study in the layout of that paper's Tables 3-5 (neurons.json,
-report.md). common/reports.py says which interval and test each number gets.
+report.md): on math from chat-style score records (accuracy, traps, F), on code from code-style ones (pass@1,
+traps, length). common/reports.py says which interval and test each number gets.
 
 Every model must be the base model or a copy of it (the same weight fingerprint, docs/formats.md); -o is a new
 folder or one correlate.py wrote (its manifest.json), and everything is checked before -o is created.
