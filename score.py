@@ -342,36 +342,25 @@ def pass_at(scored):
     return {k: float(np.mean([pass_at_k(len(v), sum(v), k) for v in tasks.values()])) for k in range(1, kmax + 1)}
 
 
-def summarize_code(scored):
+def summarize(scored, code=False):
+    """Means and rates over the scored records; None (never a made-up 0) where there is nothing to average.
+    Math: accuracy and F with its parts; code: pass@k over tasks and the timed-out share. Both: traps, lengths."""
     n = len(scored)
-    rate = lambda hit: sum(map(hit, scored)) / n  # noqa: E731
-    first = scored[0]
-    ks = pass_at(scored)
-    out = {"stage": "score", "model": first.get("model"), "style": first.get("style"), "n": n,
-           "tasks": len({r.get("task_id", r["id"]) for r in scored}), "pass_at_1": ks[1],
-           **({f"pass_at_{k}": v for k, v in ks.items() if k > 1}),
-           "timed_out_rate": rate(lambda r: r["result"] == "timed out"),
-           "trap_rate": rate(lambda r: r["trap"] != "none"), "type1_rate": rate(lambda r: r["trap"] == "type1"),
-           "type2_rate": rate(lambda r: r["trap"] == "type2")}
-    if "new_tokens" in first:
-        out["mean_new_tokens"] = float(np.mean([r["new_tokens"] for r in scored]))
-        out["cutoff_rate"] = rate(lambda r: r.get("stop") == "length")
-    return out
-
-
-def summarize(scored):
-    """Means and rates over the scored records; None (never a made-up 0) where there is nothing to average."""
-    n = len(scored)
-    mean = lambda key: float(np.mean([r[key] for r in scored])) if n else None
-    rate = lambda hit: sum(map(hit, scored)) / n if n else None
-    graded = [r for r in scored if r["correct"] is not None]
+    mean = lambda key: float(np.mean([r[key] for r in scored])) if n else None  # noqa: E731
+    rate = lambda hit: sum(map(hit, scored)) / n if n else None  # noqa: E731
     first = scored[0] if scored else {}
-    out = {"stage": "score", "model": first.get("model"), "style": first.get("style"), "n": n,
-           "accuracy": sum(r["correct"] for r in graded) / len(graded) if graded else None,
-           "F": mean("F"), **{k: mean(k) for k in WEIGHTS},
-           "trap_rate": rate(lambda r: r["trap"] != "none"),
-           "type1_rate": rate(lambda r: r["trap"] == "type1"),
-           "type2_rate": rate(lambda r: r["trap"] == "type2")}
+    out = {"stage": "score", "model": first.get("model"), "style": first.get("style"), "n": n}
+    if code:
+        ks = pass_at(scored)
+        out.update(tasks=len({r.get("task_id", r["id"]) for r in scored}),
+                   **{f"pass_at_{k}": v for k, v in ks.items()},
+                   timed_out_rate=rate(lambda r: r["result"] == "timed out"))
+    else:
+        graded = [r for r in scored if r["correct"] is not None]
+        out.update(accuracy=sum(r["correct"] for r in graded) / len(graded) if graded else None,
+                   F=mean("F"), **{k: mean(k) for k in WEIGHTS})
+    out.update(trap_rate=rate(lambda r: r["trap"] != "none"), type1_rate=rate(lambda r: r["trap"] == "type1"),
+               type2_rate=rate(lambda r: r["trap"] == "type2"))
     if scored and "new_tokens" in first:
         out["mean_new_tokens"] = mean("new_tokens")
         out["cutoff_rate"] = rate(lambda r: r.get("stop") == "length")
@@ -388,7 +377,7 @@ def main(argv=None):
     check_records(records, name)
     code = is_code(records)
     scored = score_code(records, args.workers, args.timeout) if code else [score_record(r) for r in records]
-    summary = summarize_code(scored) if code else summarize(scored)
+    summary = summarize(scored, code)
     write_jsonl(args.out, scored)
     summary_path = args.summary or (None if args.out == "-" else os.path.splitext(args.out)[0] + ".summary.json")
     if summary_path:

@@ -251,7 +251,6 @@ def neuron_report(base, models, scores, summaries):
     cmp = []
     for la, fa, lb, fb, nom in pairs:
         c = {q: compare(rec(fa), rec(fb), q) for q in (meas, "trap_rate", third)}
-        c["measure"] = c[meas]
         if T["F"]:
             with_sd(rec(fa), rec(fb), c["F"])
         cmp.append((la, lb, nom, c))
@@ -300,16 +299,15 @@ def neuron_report(base, models, scores, summaries):
               "model": r["folder"], **est[r["folder"]],
               **{k: (gen(r["folder"]) or {}).get(k) for k in ("params", "peak_memory_mb", "tokens_per_s", "contended")}}
              for r in info]
-    data.append({"comparisons": [{"a": la, "b": lb, "nominal_ratio": nom, **{k: v for k, v in c.items()
-                                                                          if k != "measure"}}
-                                 for la, lb, nom, c in cmp], "holm_m": m})
+    data.append({"comparisons": [{"a": la, "b": lb, "nominal_ratio": nom, **c} for la, lb, nom, c in cmp],
+                 "holm_m": m})
     return "\n\n".join(parts) + "\n", data
 
 
 def neuron_claims(cmp, n, dense, T=NEURON_TASKS["math"]):
     lines, name = [], T["name"]
     for la, lb, nom, c in cmp:
-        acc, trap = c["measure"], c["trap_rate"]
+        acc, trap = c[T["measure"]], c["trap_rate"]
         if la != "selective" or not (acc and trap):
             continue
         if lb == "selective + LoRA":

@@ -207,17 +207,9 @@ def test_recovery_trains_on_code(tmp_path, tiny_llama):
 def test_neuron_code_report(tmp_path, tiny_llama):
     """The neuron tables for code: pass@1 with exact intervals, lengths instead of F, the paper's code figures."""
     import correlate
-    import prune
-    from test_correlate import clopper_pearson
-    from test_neurons import measure
-    common = ["--model", tiny_llama, "--multiple", "32", "--scores", measure(tmp_path, tiny_llama)]
-    dense = str(tmp_path / "dense")
-    prune.main(["--model", tiny_llama, "--sparsity", "0", "-o", dense])
-    folders = {"dense": dense}
-    for name, flags in [("sel", ["--method", "neuron-selective", "--sparsity", "0.3"]),
-                        ("rev", ["--method", "neuron-reverse", "--sparsity", "0.3"])]:
-        folders[name] = str(tmp_path / name)
-        prune.main(common + flags + ["-o", folders[name]])
+    from test_correlate import clopper_pearson, neuron_models
+    folders = neuron_models(tmp_path, tiny_llama, ["sel", "rev"])
+    dense = folders["dense"]
     scores = []
     for k, (name, folder) in enumerate(folders.items()):  # model k: 6 - 2k of 10 pass, k trapped, 50 + 10k tokens
         path = tmp_path / f"{name}.jsonl"

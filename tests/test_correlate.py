@@ -274,18 +274,26 @@ def clopper_pearson(k, n):
     return (0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)), (1.0 if k == n else beta.ppf(0.975, k + 1, n - k))
 
 
+NEURON_MODELS = {"sel": ["--method", "neuron-selective"], "rev": ["--method", "neuron-reverse"],
+                 "r7": ["--method", "neuron-random", "--seed", "7"]}
+
+
+def neuron_models(tmp_path, model, names):
+    """{name: folder}: the dense copy and the named neuron-pruned models at 30 % (NEURON_MODELS)."""
+    from test_neurons import measure
+    common = ["--model", model, "--multiple", "32", "--sparsity", "0.3", "--scores", measure(tmp_path, model)]
+    folders = {"dense": str(tmp_path / "dense")}
+    prune.main(["--model", model, "--sparsity", "0", "-o", folders["dense"]])
+    for name in names:
+        folders[name] = str(tmp_path / name)
+        prune.main(common + NEURON_MODELS[name] + ["-o", folders[name]])
+    return folders
+
+
 def test_neuron_study_report(tmp_path, tiny_llama):
     """Tables 3-5 from hand-written records: each cell is the estimate of the model it names, with its interval."""
-    from test_neurons import measure
-    common = ["--model", tiny_llama, "--multiple", "32", "--scores", measure(tmp_path, tiny_llama)]
-    dense = str(tmp_path / "dense")
-    prune.main(["--model", tiny_llama, "--sparsity", "0", "-o", dense])
-    folders = {"dense": dense}
-    for name, flags in [("sel", ["--method", "neuron-selective", "--sparsity", "0.3"]),
-                        ("rev", ["--method", "neuron-reverse", "--sparsity", "0.3"]),
-                        ("r7", ["--method", "neuron-random", "--sparsity", "0.3", "--seed", "7"])]:
-        folders[name] = str(tmp_path / name)
-        prune.main(common + flags + ["-o", folders[name]])
+    folders = neuron_models(tmp_path, tiny_llama, ["sel", "rev", "r7"])
+    dense = folders["dense"]
     scores, summaries = [], []
     for k, (name, folder) in enumerate(folders.items()):  # model k: k of 10 correct, 5 + k of 10 trapped
         scores.append(write_scores(tmp_path, folder, "chat", [0.25] * 10, correct=[i < k for i in range(10)],
