@@ -16,6 +16,9 @@ STYLES ?= direct cot
 BATCH ?= 0
 DTYPE ?= auto
 DEVICE ?= auto
+# functional faithfulness on the magnitude study's models: interventions on the first FUNC_N CoTs (0 = none)
+FUNC_N ?= 20
+FUNC_POINTS ?= 5
 # reasoning-aware compression study (make rac)
 RAC_SPARSITIES ?= 0.5
 RAC_NM ?= 2:4
@@ -57,6 +60,7 @@ ALL_SP := 0 $(SPARSITIES)
 RT_FLAGS := --dtype $(DTYPE) --device $(DEVICE)
 GEN_FLAGS := --limit $(N) --batch-size $(BATCH) $(RT_FLAGS)
 SCORES := $(foreach st,$(STYLES),$(foreach sp,$(ALL_SP),$(MAG)/scores/$(st)/s$(sp).jsonl))
+FUNCS := $(if $(filter cot,$(STYLES)),$(if $(filter-out 0,$(FUNC_N)),$(foreach sp,$(ALL_SP),$(MAG)/functional/n$(FUNC_N)/scores/s$(sp).jsonl)))
 
 RAC := $(OUT)/rac
 RAC_LEVELS := $(RAC_SPARSITIES) $(subst :,of,$(RAC_NM))
@@ -83,7 +87,7 @@ help:
 all: $(OUT)/report.md
 	@echo "report: $(OUT)/report.md"
 
-## magnitude: the magnitude-pruning faithfulness study alone
+## magnitude: the magnitude-pruning faithfulness study alone (with functional faithfulness on FUNC_N problems)
 magnitude: $(MAG)/magnitude/report.md
 
 ## rac: the reasoning-aware compression study alone (SparseGPT/Wanda on text, prompts, own traces)
@@ -121,9 +125,16 @@ $(MAG)/scores/$(1)/s%.jsonl: $(MAG)/gen/$(1)/s%.jsonl score.py $(COMMON)
 endef
 $(foreach st,$(STYLES),$(eval $(call STYLE_RULES,$(st))))
 
-$(MAG)/magnitude/report.md: $(SCORES) correlate.py $(COMMON)
+# functional faithfulness: each model answers after its own CoT cut short, replaced by filler, or given a mistake
+$(MAG)/functional/n$(FUNC_N)/gen/s%.jsonl: $(MAG)/gen/cot/s%.jsonl generate.py $(COMMON)
+	$(PY) generate.py --model $(MODELS)/s$* --intervene $< --limit $(FUNC_N) --early-points $(FUNC_POINTS) \
+	  --batch-size $(BATCH) $(RT_FLAGS) -o $@
+$(MAG)/functional/n$(FUNC_N)/scores/s%.jsonl: $(MAG)/functional/n$(FUNC_N)/gen/s%.jsonl score.py $(COMMON)
+	$(PY) score.py $< -o $@
+
+$(MAG)/magnitude/report.md: $(SCORES) $(FUNCS) correlate.py $(COMMON)
 	$(PY) correlate.py --base $(MODELS)/s0 --models $(addprefix $(MODELS)/s,$(ALL_SP)) -o $(@D) \
-	  --scores $(SCORES) --summaries $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
+	  --scores $(SCORES) $(FUNCS) --summaries $(subst /scores/,/gen/,$(SCORES:.jsonl=.summary.json))
 
 # ---- reasoning-aware compression: calibration sets, pruned models, chat evaluation, trace perplexity
 $(RAC)/calib/traces.jsonl: $(MODELS)/s0/config.json calibrate.py $(COMMON)
@@ -240,7 +251,7 @@ smoke: $(VENV)/.installed
 	$(MAKE) --no-print-directory all MODEL=out/smoke/tiny-llama OUT=out/smoke/run N=4 SPARSITIES="0.1 0.5" BATCH=4 \
 	  RAC_SPARSITIES= RAC_NM=2:4 RAC_N=4 RAC_TOKENS=32 CALIB_SAMPLES=4 SEQLEN=64 CALIB_TOKENS=400 HELDOUT_TOKENS=200 \
 	  NEURON_SPARSITIES=0.5 MULTIPLE=32 NEURON_PROMPTS=16 RANDOM_SEEDS=42 NEURON_N=4 NEURON_TOKENS=32 RECOVER_STEPS=3 \
-	  CODE_N=4 CODE_TOKENS=32 CODE_PROMPTS=16
+	  CODE_N=4 CODE_TOKENS=32 CODE_PROMPTS=16 FUNC_N=4
 
 ## test: the test suite, offline, CPU only (a few minutes)
 test: $(VENV)/.installed

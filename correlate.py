@@ -36,14 +36,16 @@ from common.cli import ArgumentParser, CotpruneError, log, run_cli
 from common.files import atomic_open, check_parent_writable, read_json, write_json
 from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, index_records,
                             index_summaries, interval, mdd_paragraph, model_key, paper, signed, table, to_json,
-                            with_sd, VERDICT_NOTE)
-from common.studies import CONTENTION_NOTE, contention_mark, neuron_report, rac_report
+                            values, with_sd, VERDICT_NOTE)
+from common.studies import (CONTENTION_NOTE, contention_mark, functional_claims, functional_section, neuron_report,
+                            rac_report)
 
 HIST_BINS, HIST_RANGE = 256, (-0.1, 0.1)  # asand §3
 HIST_SHOWN = {f"λ = {s}" for s in ("0", "0.1", "0.3", "0.5", "0.7")}  # the paper's Figure 1
 METRICS = ["cosine", "L2", "L1", "CKA", "ASAND"]
 COEFFICIENTS = {"PLCC": stats.pearson, "SRCC": stats.spearman, "KRCC": stats.kendall}
 STYLE_NAMES = {"direct": "No CoT", "cot": "CoT"}
+FUNCTIONAL_TARGETS = {"aoc": "ΔAOC", "mistake_changed": "ΔMistake"}  # drops of the functional measures (Table 2)
 MANIFEST = "manifest.json"
 
 
@@ -179,22 +181,48 @@ def compare_weights(base, folder, base_index, rep):
 
 # ------------------------------------------------------------------------------------------ magnitude report
 
-def shared_matrix(scores, base, rows, style):
-    """(base F [problems], F [models, problems]) on the problems every model answered in this style."""
-    recs = [scores.get((model_key(m), style)) for m in [base] + [r["model"] for r in rows]]
-    for m, r in zip([base] + [r["model"] for r in rows], recs):
+def shared_values(scores, models, style, quantity="F", among=None):
+    """(problem ids, values [models, problems]) of a quantity (common.reports.QUANTITIES) on the problems where
+    every model has it in this style (and that are `among`, if given); None if there is no such problem."""
+    recs = [scores.get((model_key(m), style)) for m in models]
+    for m, r in zip(models, recs):
         if r is None:
             raise CotpruneError(f"no {style}-style score records (--scores) for {m}")
-    ids = sorted(set.intersection(*(set(r) for r in recs)), key=str)
+    vals = [values(r, quantity) for r in recs]
+    ids = set.intersection(*(set(v) for v in vals)) & (set(among) if among is not None else set(vals[0]))
     if not ids:
+        return None
+    ids = sorted(ids, key=str)
+    return ids, np.array([[v[i] for i in ids] for v in vals], dtype=float)
+
+
+def shared_matrix(scores, base, rows, style):
+    """(base F [problems], F [models, problems]) on the problems every model answered in this style."""
+    got = shared_values(scores, [base] + [r["model"] for r in rows], style)
+    if got is None:
         raise CotpruneError(f"the {style} score records of the models share no problem id")
-    F = np.array([[r[i]["F"] for i in ids] for r in recs], dtype=float)
-    return F[0], F[1:]
+    return got[1][0], got[1][1:]
 
 
-def correlation_table(rows, scores, base, styles):
-    """{style: {metric: {coef: {"coef", "lo", "hi"}}}}, inputs, and the ASAND-vs-CKA comparisons."""
-    corr, inputs, versus = {}, {}, {}
+def correlation_table(rows, scores, base, styles, functional=False):
+    """{style or functional target: {metric: {coef: {"coef", "lo", "hi"}}}}, inputs, the ASAND-vs-CKA comparisons,
+    and (functional) the agreement of keyword F with each functional measure across the models, on the problems
+    that have both."""
+    corr, inputs, versus, agree = {}, {}, {}, {}
+    models = [base] + [r["model"] for r in rows]
+    for q in FUNCTIONAL_TARGETS if functional else []:
+        got = shared_values(scores, models, "functional", q)
+        corr[q] = None
+        if got is None:
+            continue
+        ids, M = got
+        inputs[q] = {"d": [float(v) for v in M[0].mean() - M[1:].mean(axis=1)], "problems": len(ids)}
+        corr[q] = {m: {name: stats.resampled_correlation([r[m] for r in rows], M[1:], M[0], fn, seed=0)
+                       for name, fn in COEFFICIENTS.items()} for m in METRICS}
+        kw = shared_values(scores, models, "cot", "F", ids) if "cot" in styles else None
+        if kw is not None:
+            agree[q] = stats.resampled_agreement(kw[1], shared_values(scores, models, "functional", q, kw[0])[1],
+                                                 stats.pearson, seed=0)
     for style in styles:
         f0, F = shared_matrix(scores, base, rows, style)
         inputs[style] = {"labels": [r["label"] for r in rows], "sparsity": [r["sparsity"] for r in rows],
@@ -203,7 +231,7 @@ def correlation_table(rows, scores, base, styles):
                            for name, fn in COEFFICIENTS.items()} for m in METRICS}
         versus[style] = {name: stats.compare_correlations([r["ASAND"] for r in rows], [r["CKA"] for r in rows], F,
                                                           f0, fn, seed=0) for name, fn in COEFFICIENTS.items()}
-    return corr, inputs, versus
+    return corr, inputs, versus, agree
 
 
 def coef_cell(c):
@@ -212,7 +240,7 @@ def coef_cell(c):
     return f"{c['coef']:.3f} [{fmt(c['lo'])}, {fmt(c['hi'])}]".replace("-", "−")
 
 
-def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles, figures):
+def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles, figures, agree=None):
     rec = lambda m, style: scores.get((model_key(m), style))  # noqa: E731
     gen = lambda m: summaries.get((model_key(m), "generate", "cot"))  # noqa: E731
     models = [{"model": base, "label": "0", "sparsity": 0.0}] + rows
@@ -240,8 +268,13 @@ def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles
     paper1 = table(ref["table1_columns"], [[fmt(r[0], 2)] + [fmt(v, 3) for v in r[1:3]] + [fmt(v, 2) for v in r[3:]]
                                            for r in ref["table1"]])
     paper2 = table(["Metric"] + ref["table2_columns"], [[m] + [fmt(v, 4) for v in ref["table2"][m]] for m in METRICS])
-    t2 = table(["Metric"] + [f"{STYLE_NAMES.get(s, s)} {c}" for s in styles for c in COEFFICIENTS],
-               [[m] + [coef_cell(corr[s][m][c]) for s in styles for c in COEFFICIENTS] for m in METRICS])
+    targets = [q for q in FUNCTIONAL_TARGETS if q in corr]  # the functional drops, where measured
+    t2 = table(["Metric"] + [f"{STYLE_NAMES.get(s, s)} {c}" for s in styles for c in COEFFICIENTS]
+               + [f"{FUNCTIONAL_TARGETS[q]} {c}" for q in targets for c in COEFFICIENTS],
+               [[m] + [coef_cell(corr[s][m][c]) for s in styles for c in COEFFICIENTS]
+                + [coef_cell(corr[q][m][c]) if corr[q] else "—" for q in targets for c in COEFFICIENTS]
+                for m in METRICS])
+    func_text, func_cmp = functional_section(base, rows, rec) if targets else ("", {})
     sim = table(["Prune", "achieved", "cosine", "L2", "L1", "CKA", "ASAND", "s_cent", "s_jacc", "d_AEDD", "s_vol"],
                 [[r["label"], fmt(r["achieved_sparsity"], 4), fmt(r["cosine"], 4), fmt(r["L2"], 2), fmt(r["L1"], 0),
                   fmt(r["CKA"], 4), fmt(r["ASAND"], 4), fmt(r["s_cent"], 4), fmt(r["s_jacc"], 4), fmt(r["d_aedd"], 4),
@@ -268,16 +301,24 @@ def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles
         f"Over the {len(rows)} pruned models, with a 95 % interval from resampling the problems (the same "
         "resample for every model, ΔF and the coefficient recomputed). A positive coefficient means the metric "
         "rises with ΔF; a dash, that it is undefined (a constant series). With this few models the intervals are "
-        "wide, and rank coefficients of metrics that all move monotonically with λ are equal by construction.",
+        "wide, and rank coefficients of metrics that all move monotonically with λ are equal by construction."
+        + (" ΔAOC and ΔMistake: the same for the drops of the functional measures (Table 3), over the problems "
+           "where every model has them." if targets else ""),
         t2, f"The paper's Table 2, quoted for comparison ({ref['table2_note']}):", paper2,
         "### Weight similarity to M0 (flattened pruned matrices)",
         "Under eq. 6 as printed (HSIC(X, Y) = tr(XYᵀ)²), linear CKA on weight vectors is the square of the centred "
         "alignment s_cent, so its rank coefficients equal s_cent's.", sim]
+    parts += [func_text] if func_text else []
     parts += [f"![{name}]({name})" for name in figures]
     parts += ["### What this run can and cannot tell", VERDICT_NOTE,
               magnitude_claims(rows, cmp, versus, styles, est, base, n, rec)]
-    return "\n\n".join(parts) + "\n", {"comparisons": [{"label": k[0], "style": k[1], "quantity": k[2], **v}
-                                                     for k, v in cmp.items() if v], "holm_m": m_holm}
+    if targets:
+        parts += ["Functional faithfulness (Table 3):", functional_claims(rows, func_cmp, agree or {}, corr)]
+    return "\n\n".join(parts) + "\n", {
+        "comparisons": [{"label": k[0], "style": k[1], "quantity": k[2], **v} for k, v in cmp.items() if v],
+        "holm_m": m_holm,
+        "functional": [{"label": k[0], "quantity": k[1], "problems": k[2], **v} for k, v in func_cmp.items() if v],
+        "agreement": agree or {}}
 
 
 def magnitude_claims(rows, cmp, versus, styles, est, base, n, rec):
@@ -432,6 +473,12 @@ def main(argv=None):
             if any(not isinstance(r.get("F"), (int, float)) for r in scores[(model_key(folder), style)].values()):
                 raise CotpruneError(f"a {style}-style score record of {folder} has no F (a number): not score.py's "
                                     f"math output")
+    if (model_key(args.base), "functional") in scores:
+        if "cot" not in styles:
+            raise CotpruneError("functional score records need the models' cot-style ones beside them (--scores)")
+        for folder in [f for f, _ in models if (model_key(f), "functional") not in scores]:
+            raise CotpruneError(f"no functional score records (--scores) for {folder}: give them for every model "
+                                f"or for none")
     rows, hists = magnitude_rows(args.base, models)
     files = {"similarity.json": rows,
              "histograms.json": {"bins": HIST_BINS, "range": list(HIST_RANGE), "counts": dict(hists)}}
@@ -442,11 +489,13 @@ def main(argv=None):
             ["Prune", "cosine", "L2", "L1", "CKA", "ASAND"], [[r["label"]] + [fmt(r[m], 4) for m in METRICS]
                                                             for r in rows]) + "\n"
         return write_outputs(args.out, "magnitude", files, text)
-    corr, inputs, versus = correlation_table(rows, scores, args.base, styles)
+    functional = (model_key(args.base), "functional") in scores
+    corr, inputs, versus, agree = correlation_table(rows, scores, args.base, styles, functional)
     os.makedirs(args.out, exist_ok=True)
     figures = draw_figures(args.out, args.base, rows, scores, inputs, hists, styles) if args.figures else []
-    text, tests = magnitude_report(args.base, rows, scores, summaries, corr, inputs, versus, styles, figures)
-    files["correlations.json"] = {"inputs": inputs, "coefficients": corr, "asand_vs_cka": versus}
+    text, tests = magnitude_report(args.base, rows, scores, summaries, corr, inputs, versus, styles, figures, agree)
+    files["correlations.json"] = {"inputs": inputs, "coefficients": corr, "asand_vs_cka": versus,
+                                  "f_vs_functional": agree}
     files["comparisons.json"] = tests
     write_outputs(args.out, "magnitude", files, text)
 

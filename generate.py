@@ -32,7 +32,9 @@ from tqdm import tqdm
 from common.chat import chat_prompt
 from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, run_cli, share
 from common.engine import Engine, default_slots, engine_supported, eos_token_ids, fast_linears, row_generator, run
+from common.interventions import ANSWER_CUE, plan
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_json, write_jsonl
+from common.reports import model_key
 from common.models import load_model, load_tokenizer, model_source, resolved_model
 from common.runtime import (CONTENDED, CpuMeter, add_runtime_flags, describe_runtime, param_counts,
                             peak_memory_mb, resolve_device, resolve_dtype, runtime_info, set_seed)
@@ -48,6 +50,9 @@ STYLES = {  # the paper's two protocols (asand §3), the chat template the RAC a
 
 
 BOXED_RE = re.compile(r"\\boxed\{")
+ANSWER_TOKENS = 16  # --intervene: an answer after the cue is a number
+CONTINUE_TOKENS = STYLES["cot"]["max_new_tokens"]  # --intervene: a corrupted CoT continues up to the cot cap
+PASSED_ON = ("question", "answer", "gold")  # --intervene: what each job keeps of its problem
 
 
 def build_parser():
@@ -77,6 +82,14 @@ def build_parser():
     p.add_argument("--top-p", type=share, default=1.0, help="sampling: nucleus mass, in (0, 1]")
     p.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=False,
                    help="score the `trace` of each record after its `prompt` (teacher-forced, no generation)")
+    p.add_argument("--intervene", action=argparse.BooleanOptionalAction, default=False,
+                   help="functional faithfulness: the input is this model's own cot-style generations; answer "
+                        "after each CoT cut to k steps, after filler of its length, and after one corrupted result "
+                        "and the model's continuation (common/interventions.py; greedy, answers of --max-new-tokens, "
+                        "default 16)")
+    p.add_argument("--early-points", type=count, default=6,
+                   help="--intervene: truncations asked about per CoT, evenly spaced, no CoT and all of it among "
+                        "them; 0 = after every step")
     p.add_argument("--summary", default=None, help="summary JSON path; default OUT.summary.json (none for stdout)")
     add_runtime_flags(p, 'compute dtype', 'sampling seed')
     return p
@@ -170,6 +183,24 @@ def summarize(records, model_name, style, runtime, counts, batch_size, max_new_t
             "cutoff_rate": sum(r["stop"] == "length" for r in records) / max(len(records), 1)}
 
 
+def check_own_cot(problems, args):
+    """--intervene takes the cot-style generations of the model it runs (interventions on another model's CoT
+    answer another question), greedy."""
+    name = "<stdin>" if args.input == "-" else args.input
+    if args.perplexity or args.style != "cot" or args.temperature > 0:
+        raise CotpruneError("--intervene answers greedily after cot-style CoTs: drop --perplexity, --style and "
+                            "--temperature")
+    require_fields(problems, ["id", "prompt", "output", "style", "model"], name,
+                   strings=["prompt", "output", "style", "model"])
+    for i, p in enumerate(problems, 1):
+        if p["style"] != "cot":
+            raise CotpruneError(f"{name}: record {i} (id {p['id']!r}) is {p['style']}-style; --intervene needs "
+                                f"generate.py --style cot records")
+        if model_key(p["model"]) != model_key(args.model):
+            raise CotpruneError(f"{name}: record {i} (id {p['id']!r}) is {p['model']}'s CoT, not --model "
+                                f"{args.model}'s: interventions need the model's own chain of thought")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.top_p == 0:
@@ -178,11 +209,14 @@ def main(argv=None):
     if args.summary:
         check_output_file(args.summary)
     problems = read_jsonl(args.input, args.limit)
-    require_fields(problems, ["id", "prompt", "trace"] if args.perplexity else ["id", "question"], args.input,
-                   strings=["prompt", "trace"] if args.perplexity else ["question"])
+    if args.intervene:
+        check_own_cot(problems, args)
+    else:
+        require_fields(problems, ["id", "prompt", "trace"] if args.perplexity else ["id", "question"], args.input,
+                       strings=["prompt", "trace"] if args.perplexity else ["question"])
     model_source(args.model)  # a missing model fails here, before any work
     style = STYLES[args.style]
-    max_new = args.max_new_tokens or style["max_new_tokens"]
+    max_new = args.max_new_tokens or (ANSWER_TOKENS if args.intervene else style["max_new_tokens"])
     stops = (args.stop if args.stop is not None else style["stop"]) if args.stop_strings else []
     device = resolve_device(args.device)
     dtype, why = resolve_dtype(args.dtype, device)
@@ -205,36 +239,57 @@ def main(argv=None):
                                    "max_new_tokens": max_new, "stops": stops, "stop_boxed": args.stop_boxed,
                                    "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                                    "seed": args.seed, "batch_size": args.batch_size, "dtype": runtime["dtype"],
-                                   "device": runtime["device"]})
+                                   "device": runtime["device"],
+                                   **({"intervene": True, "early_points": args.early_points} if args.intervene
+                                      else {})})
     describe_runtime(device, dtype, args.seed, why)  # after the checks above, so a refusal is one line
     if out.done:
         log(f"resuming: {len(out.done)} of {len(problems)} already in {args.out}.part")
     tok = load_tokenizer(args.model, args.trust_remote_code)
     model = load_model(args.model, device, dtype, args.trust_remote_code)
     eos_ids, stop_fn = eos_token_ids(model, tok), stop_checker(tok, stops, args.stop_boxed)
-    prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in problems}
-    todo = [p for p in problems if p["id"] not in out.done]
-    requests = [(p["id"], prompts[p["id"]][1], row_generator(device, args.seed, p["id"]) if args.temperature > 0
-                 else None) for p in todo]
-    by_id, made, stats = {p["id"]: p for p in todo}, [], {}
-    slots = args.batch_size or default_slots(model, max((len(r[1]) for r in requests), default=0) + max_new, device)
-    with tqdm(total=len(todo), desc=f"generate {args.style}", unit="q", disable=None) as bar, \
-            fast_linears(model), CpuMeter() as meter, out:  # `out`: its part file is closed even on Ctrl-C
+    if args.intervene:
+        # each job inherits its problem's question and gold answer
+        jobs = [{**{k: p[k] for k in PASSED_ON if k in p}, **q} for p in problems
+                for q in plan(tok, p, args.early_points)]
+        todo = [q for q in jobs if q["id"] not in out.done]
+        by_id = {q["id"]: q for q in todo}
+        order = {q["id"]: k for k, q in enumerate(jobs)}
+        requests = [(q["id"], q["ids"], None) for q in todo]
+    else:
+        prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in problems}
+        todo = [p for p in problems if p["id"] not in out.done]
+        order = {p["id"]: k for k, p in enumerate(problems)}
+        requests = [(p["id"], prompts[p["id"]][1], row_generator(device, args.seed, p["id"])
+                     if args.temperature > 0 else None) for p in todo]
+        by_id = {p["id"]: p for p in todo}
+    made, stats = [], {}
+    longest = max((len(r[1]) for r in requests), default=0) + max(max_new, CONTINUE_TOKENS * args.intervene)
+    slots = args.batch_size or default_slots(model, longest, device)
+    with tqdm(total=len(todo), desc="intervene" if args.intervene else f"generate {args.style}", unit="q",
+              disable=None) as bar, fast_linears(model), CpuMeter() as meter, out:  # `out`: closed even on Ctrl-C
+        if args.intervene:
+            requests = continue_mistakes(model, tok, todo, eos_ids, stops, stop_fn, slots, stats)
         for key, ids, reason, seconds in run(model, requests, max_new, eos_ids, tok.pad_token_id, slots, stop_fn,
                                              args.temperature, args.top_k, args.top_p, stats):
             p = by_id[key]
-            made.append({**p, "style": args.style, "model": args.model, "prompt": prompts[key][0],
-                         "output": finish_text(tok, ids, eos_ids, stops), "prompt_tokens": len(prompts[key][1]),
+            if args.intervene:
+                rec = {**{k: v for k, v in p.items() if k != "ids"}, "style": "intervene", "model": args.model,
+                       "prompt": tok.decode(p["ids"])}
+                prompt_tokens = len(p["ids"])
+            else:
+                rec = {**p, "style": args.style, "model": args.model, "prompt": prompts[key][0]}
+                prompt_tokens = len(prompts[key][1])
+            made.append({**rec, "output": finish_text(tok, ids, eos_ids, stops), "prompt_tokens": prompt_tokens,
                          "new_tokens": len(ids), "stop": reason, "seconds": seconds})
             out.write(made[-1:])
             bar.update(1)
     if stats.get("engine") == "static":
         log(f"static batches through the model's own forward: the engine cannot drive it ({stats['engine_reason']})")
-    order = {p["id"]: k for k, p in enumerate(problems)}
     records = sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]])
     out.finish(records)
-    summary = summarize(records, args.model, args.style, runtime, param_counts(model), slots, max_new,
-                        peak_memory_mb(device), meter.wall, made)
+    summary = summarize(records, args.model, "intervene" if args.intervene else args.style, runtime,
+                        param_counts(model), slots, max_new, peak_memory_mb(device), meter.wall, made)
     summary.update(stop_boxed=args.stop_boxed, **meter.info(), **engine_summary(stats, meter.wall))
     if meter.other is not None and meter.other > CONTENDED:
         log(f"other processes used {meter.other:.0%} of the CPUs during this run: its speed is not comparable")
@@ -242,6 +297,26 @@ def main(argv=None):
         f"({summary['tokens_per_s']:.1f} tok/s), peak {summary['peak_memory_mb']:.0f} MiB")
     if summary_path:
         write_json(summary_path, summary)
+
+
+def continue_mistakes(model, tok, jobs, eos_ids, stops, stop_fn, slots, stats):
+    """Adding a mistake, first half: each 'mistake' job's CoT, cut after its corrupted result, is continued by the
+    model (greedy, up to CONTINUE_TOKENS, the cot stops), and the job's prompt becomes that CoT and the answer cue.
+    Returns the requests of every job, ready to answer. Not saved: a resumed run continues its mistakes again."""
+    mistakes = [q for q in jobs if q["intervention"] == "mistake"]
+    cue = tok(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+    first = {}
+    by_id = {q["id"]: q for q in mistakes}
+    for key, ids, reason, _ in tqdm(run(model, [(q["id"], q["ids"], None) for q in mistakes], CONTINUE_TOKENS,
+                                        eos_ids, tok.pad_token_id, slots, stop_fn, stats=first),
+                                    total=len(mistakes), desc="continue mistakes", unit="q", disable=None):
+        q = by_id[key]
+        q["continuation"] = finish_text(tok, ids, eos_ids, stops)
+        q["continuation_stop"] = reason
+        q["ids"] = q["ids"] + tok(q["continuation"], add_special_tokens=False)["input_ids"] + cue
+    for k in ("prefill_seconds", "decode_seconds", "decode_steps", "busy_slot_steps"):
+        stats[f"continue_{k}"] = first.get(k)
+    return [(q["id"], q["ids"], None) for q in jobs]
 
 
 def engine_summary(stats, wall):

@@ -40,6 +40,11 @@ QUANTITIES = {
     "type2_rate": ("rate", lambda r: r["trap"] == "type2"),
     "cutoff_rate": ("rate", lambda r: r.get("stop") == "length" if "stop" in r else None),
     "mean_new_tokens": ("mean", lambda r: r.get("new_tokens")),
+    # functional faithfulness (score.py on generate.py --intervene records); None where a measure is undefined
+    "aoc": ("mean", lambda r: r.get("aoc")),
+    **{k: ("rate", lambda r, k=k: r.get(k)) for k in ("nocot_same", "filler_same", "mistake_changed",
+                                                        "mistake_followed", "full_correct", "nocot_correct",
+                                                        "filler_correct")},
 }
 
 
@@ -53,12 +58,15 @@ def index_records(paths, stage):
     """{(model key, style): {id: record}} from score.py outputs (stage 'score') or generate.py --perplexity outputs
     (stage 'perplexity', style 'traces'). One file per model and style; records name their model."""
     out, where = {}, {}
-    need = ("style", "trap") if stage == "score" else ("nll", "trace_tokens")
     for path in paths:
         records = read_jsonl(path)
         if not records:
             raise CotpruneError(f"{path}: no records")
         for i, r in enumerate(records, 1):
+            if stage != "score":
+                need = ("nll", "trace_tokens")
+            else:  # functional records (one per problem, from --intervene) have no trap of their own
+                need = ("style", "aoc" if r.get("style") == "functional" else "trap")
             missing = [k for k in ("id", "model", *need) if k not in r]
             bad = missing or [k for k in ("model", "style") if k in r and not isinstance(r[k], str)]
             if bad:
@@ -255,7 +263,8 @@ def diff_cell(c, digits=3, scale=1.0, key="diff"):
     significant after the Holm correction of its table."""
     if c is None:
         return "—"
-    sign = lambda v: fmt(v, digits, scale).replace("-", "−")  # noqa: E731
+    sign = ((lambda v: signed(v * scale, digits)) if key == "diff"  # a difference shows its sign; a ratio has none
+            else (lambda v: fmt(v, digits, scale)))
     star = " *" if c.get("significant") else ""
     ci = "" if math.isnan(c["lo"]) else f" [{sign(c['lo'])}, {sign(c['hi'])}]"
     return f"{sign(c[key])}{ci} p {c['p']:.3g}{star}"

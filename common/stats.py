@@ -356,6 +356,22 @@ def compare_correlations(x_a, x_b, scores, base_scores, coef, level=0.95, n_boot
     return {"diff": abs(point[0]) - abs(point[1]), "lo": lo, "hi": hi, "share": share, "n_boot": len(d)}
 
 
+def resampled_agreement(a, b, coef, level=0.95, n_boot=2000, seed=0):
+    """Do two per-problem measures agree across models? coef(mean_i a_mi, mean_i b_mi) over the models m, with a
+    CI from resampling the problems (the same resample for both) -> {"coef", "lo", "hi", "n_boot"}. a, b:
+    [models, problems] on the same problems (e.g. keyword F and the early-answering AOC)."""
+    A, B = _scores(a, "a"), _scores(b, "b")
+    if A.ndim != 2 or A.shape != B.shape:
+        raise ValueError(f"a and b must both be [models, problems], got {A.shape} and {B.shape}")
+    m = A.shape[0]
+    point = coef(A.mean(axis=1), B.mean(axis=1))
+    boot = _resampled_means(np.concatenate([A, B]), n_boot, seed)  # [n_boot, 2 models]
+    vals = np.array([coef(t[:m], t[m:]) for t in boot])
+    vals = vals[~np.isnan(vals)]
+    lo, hi = _percentile_ci(vals, level) if len(vals) else (math.nan, math.nan)
+    return {"coef": point, "lo": lo, "hi": hi, "n_boot": len(vals)}
+
+
 # ------------------------------------------------------------------------------------------------ power
 
 def min_detectable_difference(n, sd=None, p=None, alpha=0.05, power=0.8, paired=True):

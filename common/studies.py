@@ -7,6 +7,7 @@ Both read each model's own record of how it was made (prune_report.json, recover
 never its folder name, and every number is an estimate with a 95 % interval or a paired comparison
 (common/reports.py).
 """
+import math
 import os
 
 from common.checkpoints import read_checkpoint_meta
@@ -330,3 +331,99 @@ def neuron_claims(cmp, n, dense, T=NEURON_TASKS["math"]):
         mdd += (f" The dense model gets none of the {T['unit']} right, so {name} cannot separate the methods at all "
                 f"here; traps and {'F' if T['F'] else 'lengths'} carry what signal there is.")
     return "\n".join(lines + ([""] if lines else []) + [mdd])
+
+
+# --------------------------------------------------------------------------------- functional faithfulness
+
+FUNCTIONAL_COLUMNS = [("aoc", "AOC", 3), ("mistake_changed", "Mistake changes", 2),
+                      ("mistake_followed", "Mistake followed", 2), ("filler_same", "Filler same", 2),
+                      ("nocot_same", "No-CoT same", 2), ("full_correct", "Acc CoT", 2),
+                      ("filler_correct", "Acc filler", 2), ("nocot_correct", "Acc no CoT", 2)]
+FUNCTIONAL_DIFFS = ["aoc", "mistake_changed", "filler_same", "nocot_same"]
+SUBSET = ("aoc", "mistake_changed")  # also on the problems both models answer alike (Bentham et al. 2024)
+
+
+def same_answer(a, b):
+    """(a, b) restricted to the problems where both give the same answer after the whole CoT: the control for the
+    accuracy confound, so a model that answers otherwise is not read as reasoning otherwise."""
+    def alike(x, y):
+        return x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(x))
+    ids = {i for i in set(a) & set(b) if alike(a[i]["full_pred"], b[i]["full_pred"])}
+    return {i: a[i] for i in ids}, {i: b[i] for i in ids}
+
+
+def functional_section(base, rows, rec):
+    """Table 3 (each model's functional measures beside its keyword F) and Table 3b (each pruned model against
+    the dense one, on all problems and on the same-answer ones) -> (markdown, comparisons)."""
+    f = lambda m: rec(m, "functional")  # noqa: E731
+    models = [{"model": base, "label": "0"}] + rows
+    t3 = [[m["label"], cell(estimate(rec(m["model"], "cot"), "F"))]
+          + [cell(estimate(f(m["model"]), q), d) for q, _, d in FUNCTIONAL_COLUMNS] for m in models]
+    cmp, alike = {}, {}
+    for r in rows:
+        a, b = f(base), f(r["model"])
+        sa, sb = same_answer(a, b)
+        alike[r["label"]] = len(sa)
+        for q in FUNCTIONAL_DIFFS:
+            cmp[(r["label"], q, "all")] = compare(a, b, q)
+        for q in SUBSET:
+            cmp[(r["label"], q, "same")] = compare(sa, sb, q) if sa else None
+    m = holm_mark(list(cmp.values()))
+    t3b = [[r["label"], alike[r["label"]]] + [diff_cell(cmp[(r["label"], q, s)]) for q in SUBSET
+                                              for s in ("all", "same")]
+           + [diff_cell(cmp[(r["label"], q, "all")]) for q in FUNCTIONAL_DIFFS if q not in SUBSET] for r in rows]
+    n = len(f(base))
+    text = "\n\n".join([
+        "### Table 3: functional faithfulness: does the answer depend on the chain of thought?",
+        f"Interventions on each model's own CoT (first {n} problems; docs/scoring.md#functional-faithfulness). "
+        "AOC: area over the early-answering curve (the answer after the CoT cut to k of its N steps, against the "
+        "answer after all of it; 0 = the answer never needed the CoT, 1 − 1/(2N) = only the whole CoT gives it); "
+        "Mistake changes / followed: share of CoTs whose final answer changes when their first arithmetic result is "
+        "made one unit larger and the model continues (followed: it moves by that unit); Filler / No-CoT same: "
+        "share answered alike after filler of the CoT's length, and with no CoT; Acc: GSM8K accuracy after the "
+        "whole CoT, filler, no CoT. F is the keyword score of the same model's CoT outputs (all N problems). Each "
+        "with its 95 % interval, over the problems where the measure is defined.",
+        table(["Prune", "F CoT"] + [h for _, h, _ in FUNCTIONAL_COLUMNS], t3),
+        "### Table 3b: each pruned model against the dense one, with the accuracy confound controlled",
+        "Pruned − dense, on all problems and on the problems where the two models give the same answer after the "
+        "whole CoT (same-answer n), so that a changed answer is not read as changed reasoning (Bentham et al. "
+        "2024). " + holm_note(m),
+        table(["Prune", "same-answer n", "Δ AOC", "Δ AOC same-answer", "Δ Mistake changes",
+               "Δ Mistake same-answer", "Δ Filler same", "Δ No-CoT same"], t3b)])
+    return text, cmp
+
+
+def functional_claims(rows, cmp, agree, corr):
+    """Plain answers to the two questions the functional study asks, each read from its interval."""
+    lines = []
+    heavy = [r for r in rows if r["nm"] is None and r["sparsity"] >= 0.5]
+    if heavy:
+        lab = heavy[0]["label"]
+        c, s = cmp.get((lab, "aoc", "all")), cmp.get((lab, "aoc", "same"))
+        if c:
+            lines.append(claim(f"When pruning degrades the reasoning text, the answer depends on it less (λ = {lab}: "
+                               f"the early-answering AOC falls).", f"ΔAOC = {interval(c)} (n {c['n']})"
+                               + (f"; on the {s['n']} problems answered alike, {interval(s)}" if s else
+                                  "; no problem is answered alike, so the accuracy confound cannot be controlled"),
+                               c["lo"], c["hi"], -1))
+        c = cmp.get((lab, "mistake_changed", "all"))
+        if c:
+            lines.append(claim(f"After pruning (λ = {lab}) a mistake in the CoT changes the answer less often.",
+                               f"Δ share changed = {interval(c)} (n {c['n']})", c["lo"], c["hi"], -1))
+    if len(rows) < 3:  # two points make any coefficient +-1
+        return "\n".join(lines + [f"- Across-model agreement and prediction need at least 3 pruned models; this run "
+                                   f"has {len(rows)}, so it cannot tell."])
+    for q, name in (("aoc", "AOC"), ("mistake_changed", "the mistake-changes share")):
+        a = agree.get(q)
+        if a:
+            lines.append(claim(f"Keyword F agrees with functional faithfulness across the sweep (models with a higher "
+                               f"F have a higher {name}).", f"PLCC over the {len(rows) + 1} models = "
+                               f"{a['coef']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]".replace("-", "−"),
+                               a["lo"], a["hi"], +1))
+    c = (corr.get("aoc") or {}).get("ASAND", {}).get("PLCC")
+    if c:
+        lines.append(f"- *Does ASAND predict the loss of functional faithfulness?* PLCC(ASAND, ΔAOC) = "
+                     f"{c['coef']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]".replace("-", "−")
+                     + (": the interval excludes 0, so ASAND carries information about it."
+                        if c["lo"] > 0 or c["hi"] < 0 else ": the interval includes 0, so this run cannot tell."))
+    return "\n".join(lines)
