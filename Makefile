@@ -21,14 +21,15 @@ FUNC_N ?= 20
 FUNC_POINTS ?= 5
 # reasoning-aware compression study (make rac)
 RAC_SPARSITIES ?= 0.5
-RAC_NM ?= 2:4
+# RAC_NM=2:4 adds the N:M level (seven more models, about 15 minutes on 2 cores)
+RAC_NM ?=
 RAC_N ?= 16
 RAC_SEEDS ?= 0 1
 RAC_TOKENS ?= 512
 CALIB_SAMPLES ?= 16
 SEQLEN ?= 512
 CALIB_TOKENS ?= 10000
-HELDOUT_TOKENS ?= 16384
+HELDOUT_TOKENS ?= 8192
 # task-specific neuron pruning, LoRA recovery and traps (make neurons)
 NEURON_SPARSITIES ?= 0.25
 MULTIPLE ?= 128
@@ -39,7 +40,7 @@ NEURON_TOKENS ?= 1024
 RECOVER_STEPS ?= 30
 RECOVER_LR ?= 2e-4
 # the same study on code (make neurons-code): selectivity from standard-library functions, HumanEval pass@1
-CODE_N ?= 32
+CODE_N ?= 16
 CODE_TOKENS ?= 512
 CODE_PROMPTS ?= 800
 CODE_DATA ?= data/stdlib/functions.jsonl

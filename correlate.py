@@ -46,6 +46,7 @@ METRICS = ["cosine", "L2", "L1", "CKA", "ASAND"]
 COEFFICIENTS = {"PLCC": stats.pearson, "SRCC": stats.spearman, "KRCC": stats.kendall}
 STYLE_NAMES = {"direct": "No CoT", "cot": "CoT"}
 FUNCTIONAL_TARGETS = {"aoc": "ΔAOC", "mistake_changed": "ΔMistake"}  # drops of the functional measures (Table 2)
+MIN_SHARED = 5  # problems a functional correlation needs in common
 MANIFEST = "manifest.json"
 
 
@@ -211,18 +212,24 @@ def correlation_table(rows, scores, base, styles, functional=False):
     corr, inputs, versus, agree = {}, {}, {}, {}
     models = [base] + [r["model"] for r in rows]
     for q in FUNCTIONAL_TARGETS if functional else []:
-        got = shared_values(scores, models, "functional", q)
+        # a heavily pruned model may have the measure on no problem (no answer to compare with): the correlation
+        # runs over the pruned models that have it on at least MIN_SHARED problems, on the problems all of them do
+        keep = [r for r in rows if len(values(scores[(model_key(r["model"]), "functional")], q)) >= MIN_SHARED]
+        got = shared_values(scores, [base] + [r["model"] for r in keep], "functional", q) if len(keep) >= 3 else None
         corr[q] = None
-        if got is None:
+        if got is None or len(got[0]) < MIN_SHARED:
             continue
         ids, M = got
-        inputs[q] = {"d": [float(v) for v in M[0].mean() - M[1:].mean(axis=1)], "problems": len(ids)}
-        corr[q] = {m: {name: stats.resampled_correlation([r[m] for r in rows], M[1:], M[0], fn, seed=0)
+        inputs[q] = {"labels": [r["label"] for r in keep], "d": [float(v) for v in M[0].mean() - M[1:].mean(axis=1)],
+                     "problems": len(ids)}
+        corr[q] = {m: {name: stats.resampled_correlation([r[m] for r in keep], M[1:], M[0], fn, seed=0)
                        for name, fn in COEFFICIENTS.items()} for m in METRICS}
-        kw = shared_values(scores, models, "cot", "F", ids) if "cot" in styles else None
+        sub = [base] + [r["model"] for r in keep]
+        kw = shared_values(scores, sub, "cot", "F", ids) if "cot" in styles else None
         if kw is not None:
-            agree[q] = stats.resampled_agreement(kw[1], shared_values(scores, models, "functional", q, kw[0])[1],
+            agree[q] = stats.resampled_agreement(kw[1], shared_values(scores, sub, "functional", q, kw[0])[1],
                                                  stats.pearson, seed=0)
+            agree[q]["labels"] = ["0"] + inputs[q]["labels"]
     for style in styles:
         f0, F = shared_matrix(scores, base, rows, style)
         inputs[style] = {"labels": [r["label"] for r in rows], "sparsity": [r["sparsity"] for r in rows],
@@ -302,8 +309,11 @@ def magnitude_report(base, rows, scores, summaries, corr, inputs, versus, styles
         "resample for every model, ΔF and the coefficient recomputed). A positive coefficient means the metric "
         "rises with ΔF; a dash, that it is undefined (a constant series). With this few models the intervals are "
         "wide, and rank coefficients of metrics that all move monotonically with λ are equal by construction."
-        + (" ΔAOC and ΔMistake: the same for the drops of the functional measures (Table 3), over the problems "
-           "where every model has them." if targets else ""),
+        + (" ΔAOC and ΔMistake: the same for the drops of the functional measures (Table 3), over the pruned "
+           "models that have them on at least 5 problems, on the problems all of those have them ("
+           + "; ".join(f"{FUNCTIONAL_TARGETS[q]}: λ {', '.join(inputs[q]['labels'])} on {inputs[q]['problems']}"
+                       if corr.get(q) else f"{FUNCTIONAL_TARGETS[q]}: too few models or problems" for q in targets)
+           + ")." if targets else ""),
         t2, f"The paper's Table 2, quoted for comparison ({ref['table2_note']}):", paper2,
         "### Weight similarity to M0 (flattened pruned matrices)",
         "Under eq. 6 as printed (HSIC(X, Y) = tr(XYᵀ)²), linear CKA on weight vectors is the square of the centred "

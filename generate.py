@@ -5,6 +5,7 @@
     head -3 data/gsm8k/test.jsonl | python generate.py --model embedded --style direct - -o -
     python generate.py --model out/s0.5 --perplexity calib/heldout-traces.jsonl -o ppl/s0.5.jsonl
     python generate.py --model embedded --style code --limit 16 data/humaneval/test.jsonl -o gen/code.jsonl
+    python generate.py --model out/s0.5 --intervene gen/cot-s0.5.jsonl --limit 20 -o func/s0.5.jsonl
 
 Input records need `id` and `question`; every other field (the gold `answer`, a HumanEval task's `task_id`,
 `entry_point` and `test`) passes through. --style code puts the neuron paper's E.2 instruction and the question (a
@@ -16,6 +17,11 @@ prompt is prefilled into its slot at once (common/engine.py; models it cannot dr
 interrupted run keeps what it finished in OUT.part, record by record; the same command again continues there. A
 summary (wall and CPU time, tokens/s, prefill and decode shares, busy slots, peak memory, non-zero parameters)
 goes to OUT.summary.json, or to --summary.
+
+--intervene (functional faithfulness, docs/scoring.md#functional-faithfulness) reads this model's own --style cot
+records instead of questions and answers again, greedily, after each CoT cut to k of its steps, after filler of
+its token length, and after its first arithmetic result is made one unit larger and the model has continued
+from there (common/interventions.py); one record per problem and intervention, for score.py.
 
 --perplexity generates nothing: it teacher-forces the `trace` of each input record after its `prompt` (records from
 calibrate.py --source traces) and writes each record's summed negative log-likelihood `nll` and `trace_tokens`;

@@ -18,6 +18,10 @@ passed (a boolean: the task's tests ran to the end in the sandbox), result ('pas
 loop). No F: its parts read arithmetic prose, not code. The summary gives pass@1 (and pass@k, Chen et al. 2021, for
 every k up to the fewest samples of a task when tasks were sampled more than once, records sharing a `task_id`).
 Each sample runs in its own limited subprocess (common/sandbox.py; not a security boundary: docs/scoring.md).
+
+Intervention records (generate.py --intervene) become one functional-faithfulness record per problem: the
+early-answering AOC, whether a mistake changed (or carried into) the answer, whether filler or no CoT keep it,
+and the accuracies after the whole CoT, filler and no CoT (docs/scoring.md#functional-faithfulness).
 """
 import functools
 import math

@@ -403,7 +403,7 @@ def functional_claims(rows, cmp, agree, corr):
         if c:
             lines.append(claim(f"When pruning degrades the reasoning text, the answer depends on it less (λ = {lab}: "
                                f"the early-answering AOC falls).", f"ΔAOC = {interval(c)} (n {c['n']})"
-                               + (f"; on the {s['n']} problems answered alike, {interval(s)}" if s else
+                               + (f"; on the {s['n']} problem(s) answered alike, {interval(s)}" if s else
                                   "; no problem is answered alike, so the accuracy confound cannot be controlled"),
                                c["lo"], c["hi"], -1))
         c = cmp.get((lab, "mistake_changed", "all"))
@@ -415,15 +415,21 @@ def functional_claims(rows, cmp, agree, corr):
                                    f"has {len(rows)}, so it cannot tell."])
     for q, name in (("aoc", "AOC"), ("mistake_changed", "the mistake-changes share")):
         a = agree.get(q)
-        if a:
+        if not a:
+            lines.append(f"- *Does keyword F agree with {name} across the sweep?* Too few models have it on enough "
+                         f"problems (Table 2's note): this run cannot tell.")
+        else:
             lines.append(claim(f"Keyword F agrees with functional faithfulness across the sweep (models with a higher "
-                               f"F have a higher {name}).", f"PLCC over the {len(rows) + 1} models = "
-                               f"{a['coef']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]".replace("-", "−"),
+                               f"F have a higher {name}).", f"PLCC over λ {', '.join(a['labels'])} = "
+                               f"{interval({'diff': a['coef'], 'lo': a['lo'], 'hi': a['hi']})}",
                                a["lo"], a["hi"], +1))
     c = (corr.get("aoc") or {}).get("ASAND", {}).get("PLCC")
-    if c:
-        lines.append(f"- *Does ASAND predict the loss of functional faithfulness?* PLCC(ASAND, ΔAOC) = "
-                     f"{c['coef']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]".replace("-", "−")
+    if not c or math.isnan(c["lo"]):
+        lines.append("- *Does ASAND predict the loss of functional faithfulness?* Too few models have an AOC on "
+                     "enough problems: this run cannot tell.")
+    else:
+        lines.append(f"- *Does ASAND predict the loss of functional faithfulness?* Here: PLCC(ASAND, ΔAOC) = "
+                     f"{interval({'diff': c['coef'], 'lo': c['lo'], 'hi': c['hi']})}"
                      + (": the interval excludes 0, so ASAND carries information about it."
                         if c["lo"] > 0 or c["hi"] < 0 else ": the interval includes 0, so this run cannot tell."))
     return "\n".join(lines)

@@ -354,3 +354,64 @@ def test_rac_study_report(tmp_path, tiny_llama):
     c = next(c for c in data[-1]["comparisons"] if c["a"] == "SparseGPT, generic text")
     assert c["ppl"]["ratio"] == pytest.approx(math.exp(1.5 - 3.0))
     assert "This run **supports it**" in report
+
+
+def write_functional(tmp_path, folder, aocs, changed, full=None):
+    """score.py functional records for `folder`: per problem an AOC, a mistake outcome and a full-CoT answer."""
+    path = tmp_path / f"func-{abs(hash(folder))}.jsonl"
+    with open(path, "w") as f:
+        for i, (a, c) in enumerate(zip(aocs, changed)):
+            f.write(json.dumps({"id": i, "model": folder, "style": "functional", "steps": 3, "aoc": a,
+                                "full_pred": full[i] if full else float(i), "mistake_changed": c,
+                                "mistake_followed": False, "nocot_same": a < 0.5, "filler_same": a < 0.5,
+                                "full_correct": False, "nocot_correct": False, "filler_correct": False}) + "\n")
+    return str(path)
+
+
+def test_functional_measures_in_the_magnitude_report(tmp_path, chain):
+    base, folders = chain
+    sums = fake_scores(tmp_path, [base] + folders, [0.6, 0.5, 0.3, 0.1])
+    # AOC falls with pruning (0.8, 0.6, 0.4, 0.2 + a wobble); the 0.8 model answers every problem otherwise
+    aoc = {m: [v + 0.05 * (k % 2) for k in range(6)] for m, v in zip([base] + folders, (0.8, 0.6, 0.4, 0.2))}
+    funcs = [write_functional(tmp_path, m, aoc[m], [k % 2 == 0 for k in range(6)], None if m != folders[-1] else [99.0] * 6)
+             for m in [base] + folders]
+    out = tmp_path / "corr"
+    correlate.main(["--base", base, "--models", base, *folders, "--scores", *sums, *funcs, "-o", str(out),
+                    "--no-figures"])
+    corr = json.loads((out / "correlations.json").read_text())
+    assert corr["inputs"]["aoc"]["d"] == pytest.approx([0.2, 0.4, 0.6])  # mean AOC(M0) - AOC(Mp), by hand
+    assert corr["coefficients"]["aoc"]["cosine"]["SRCC"]["coef"] == pytest.approx(-1.0)
+    # keyword F and AOC fall together across the four models: their across-model PLCC, by hand
+    f_means, aoc_means = [0.6, 0.5, 0.3, 0.1], [np.mean(aoc[m]) for m in [base] + folders]
+    assert corr["f_vs_functional"]["aoc"]["coef"] == pytest.approx(np.corrcoef(f_means, aoc_means)[0, 1])
+    report = (out / "report.md").read_text()
+    assert "Table 3: functional faithfulness" in report and "ΔAOC PLCC" in report
+    assert "0.825 [" in report  # the dense model's AOC: mean of 0.8, 0.85, ...
+    tests = json.loads((out / "comparisons.json").read_text())
+    rows = {(t["label"], t["quantity"], t["problems"]): t for t in tests["functional"]}
+    assert rows[("0.5", "aoc", "all")]["diff"] == pytest.approx(-0.4)
+    assert rows[("0.5", "aoc", "same")]["n"] == 6  # same full-CoT answers as the dense model
+    assert ("0.8", "aoc", "same") not in rows  # no problem answered alike: no controlled comparison
+    assert "answer depends on it less" in report and "Keyword F agrees" in report
+
+
+def test_functional_records_for_some_models_only_are_refused(tmp_path, chain):
+    base, folders = chain
+    sums = fake_scores(tmp_path, [base] + folders, [0.6, 0.5, 0.3, 0.1])
+    funcs = [write_functional(tmp_path, m, [0.5] * 6, [True] * 6) for m in [base] + folders[:2]]
+    r = run_script("correlate.py", "--base", base, "--models", *folders, "--scores", *sums, *funcs,
+                   "-o", str(tmp_path / "corr"), "--no-figures")
+    assert one_line_error(r) and "no functional score records" in r.stderr and not (tmp_path / "corr").exists()
+
+
+def test_resampled_agreement():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 40)) + np.arange(5)[:, None]
+    got = stats.resampled_agreement(a, 2 * a + 1, stats.pearson, n_boot=200)
+    assert got["coef"] == pytest.approx(1.0) and got["lo"] == pytest.approx(1.0)  # an exact linear relation
+    b = rng.normal(size=(5, 40))
+    got = stats.resampled_agreement(a, b, stats.pearson, n_boot=500)
+    assert got["coef"] == pytest.approx(np.corrcoef(a.mean(1), b.mean(1))[0, 1])
+    assert got["lo"] <= got["coef"] <= got["hi"]
+    with pytest.raises(ValueError):
+        stats.resampled_agreement(a, b[:, :10], stats.pearson)

@@ -1,13 +1,14 @@
 """Functional faithfulness: the CoT transforms on hand-written CoTs, the measures on synthetic answers, and the
 pipeline (generate.py --intervene -> score.py -> correlate.py) on a tiny model."""
 import json
+import os
 import re
 
 import pytest
 
 import score
 from common.interventions import ANSWER_CUE, FILLER, aoc, bumped, corrupt, early_points, plan, step_ends
-from conftest import one_line_error, run_script
+from conftest import ROOT, one_line_error, run_script
 
 COT = (" First, we find the eggs per day: 16 - 3 - 4 = 9. Then she sells them at $2 each.\n"
        "Step 2: 9 * 2 = 18 dollars. So the answer is 18.")
@@ -197,3 +198,29 @@ def test_float32_answers_do_not_depend_on_batching(tmp_path, tiny_llama):
         assert r.returncode == 0, r.stderr
         outs.append({x["id"]: x["output"] for x in map(json.loads, o.read_text().splitlines())})
     assert outs[0] == outs[1]
+
+
+def test_an_interrupted_intervene_run_resumes_to_the_same_records(tmp_path, tiny_llama, monkeypatch):
+    import generate
+    from common import engine
+    from test_generate import dies_on_call
+    gen = tmp_path / "cot.jsonl"
+    generate.main(["--model", tiny_llama, "--style", "cot", "--limit", "3", "--max-new-tokens", "24", "--dtype",
+                   "float32", os.path.join(ROOT, "data", "gsm8k", "test.jsonl"), "-o", str(gen)])
+    recs = [json.loads(x) for x in gen.read_text().splitlines()]
+    recs[0]["output"], recs[0]["stop"] = COT, "eos"  # a CoT with steps and a result, so every intervention runs
+    gen.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    argv = lambda out: ["--model", tiny_llama, "--intervene", str(gen), "--dtype", "float32", "--batch-size", "2",
+                        "-o", str(tmp_path / out)]
+    generate.main(argv("whole.jsonl"))
+    real = engine.Engine._step
+    monkeypatch.setattr(engine.Engine, "_step", dies_on_call(200, real))  # after the mistake's 150-token continuation
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(argv("resumed.jsonl"))
+    kept = len((tmp_path / "resumed.jsonl.part").read_text().splitlines()) - 1
+    monkeypatch.setattr(engine.Engine, "_step", real)
+    generate.main(argv("resumed.jsonl"))
+    read = lambda name: [(r["id"], r["output"], r.get("continuation")) for r in  # noqa: E731
+                         map(json.loads, (tmp_path / name).read_text().splitlines())]
+    whole = read("whole.jsonl")
+    assert 0 < kept < len(whole) and read("resumed.jsonl") == whole  # nothing lost, nothing twice, same answers
