@@ -41,3 +41,12 @@ def test_batch_reaches_generation_and_traces(tmp_path):
     cmds = planned_commands(tmp_path, "BATCH=7")
     gen = [c for c in cmds if ("generate.py" in c and "--perplexity" not in c) or "--source traces" in c]
     assert gen and all("--batch-size 7" in c for c in gen)
+
+
+def test_functional_settings_reach_the_interventions(tmp_path):
+    cmds = planned_commands(tmp_path, "FUNC_N=7", "FUNC_POINTS=3")
+    inter = [c for c in cmds if "--intervene" in c]
+    assert len(inter) == 11 and all("--limit 7" in c and "--early-points 3" in c for c in inter)  # every sparsity
+    report = next(c for c in cmds if "correlate.py" in c and "--study" not in c)
+    assert report.count("/functional/n7/scores/") == 11
+    assert not [c for c in planned_commands(tmp_path, "FUNC_N=0") if "--intervene" in c]
