@@ -21,7 +21,7 @@ FUNC_N ?= 20
 FUNC_POINTS ?= 5
 # reasoning-aware compression study (make rac)
 RAC_SPARSITIES ?= 0.5
-# RAC_NM=2:4 adds the N:M level (seven more models, about 15 minutes on 2 cores)
+# RAC_NM=2:4 adds the N:M level: six more pruned models to prune, evaluate and score
 RAC_NM ?=
 RAC_N ?= 16
 RAC_SEEDS ?= 0 1

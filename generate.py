@@ -40,7 +40,6 @@ from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, 
 from common.engine import Engine, default_slots, engine_supported, eos_token_ids, fast_linears, row_generator, run
 from common.interventions import ANSWER_CUE, plan
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_json, write_jsonl
-from common.reports import model_key
 from common.models import load_model, load_tokenizer, model_source, resolved_model
 from common.runtime import (CONTENDED, CpuMeter, add_runtime_flags, describe_runtime, param_counts,
                             peak_memory_mb, resolve_device, resolve_dtype, runtime_info, set_seed)
@@ -202,7 +201,7 @@ def check_own_cot(problems, args):
         if p["style"] != "cot":
             raise CotpruneError(f"{name}: record {i} (id {p['id']!r}) is {p['style']}-style; --intervene needs "
                                 f"generate.py --style cot records")
-        if model_key(p["model"]) != model_key(args.model):
+        if resolved_model(p["model"]) != resolved_model(args.model):
             raise CotpruneError(f"{name}: record {i} (id {p['id']!r}) is {p['model']}'s CoT, not --model "
                                 f"{args.model}'s: interventions need the model's own chain of thought")
 
@@ -275,7 +274,7 @@ def main(argv=None):
     with tqdm(total=len(todo), desc="intervene" if args.intervene else f"generate {args.style}", unit="q",
               disable=None) as bar, fast_linears(model), CpuMeter() as meter, out:  # `out`: closed even on Ctrl-C
         if args.intervene:
-            requests = continue_mistakes(model, tok, todo, eos_ids, stops, stop_fn, slots, stats)
+            requests, first = continue_mistakes(model, tok, todo, eos_ids, stops, stop_fn, slots)
         for key, ids, reason, seconds in run(model, requests, max_new, eos_ids, tok.pad_token_id, slots, stop_fn,
                                              args.temperature, args.top_k, args.top_p, stats):
             p = by_id[key]
@@ -290,6 +289,12 @@ def main(argv=None):
                          "new_tokens": len(ids), "stop": reason, "seconds": seconds})
             out.write(made[-1:])
             bar.update(1)
+    if args.intervene:  # the summary's time shares and busy slots cover both halves of the mistakes too
+        for k in ("prefill_seconds", "decode_seconds", "decode_steps", "busy_slot_steps"):
+            if stats.get(k) is not None or first.get(k) is not None:
+                stats[k] = (stats.get(k) or 0) + (first.get(k) or 0)
+        if stats.get("decode_steps"):
+            stats["mean_busy_slots"] = stats["busy_slot_steps"] / stats["decode_steps"]
     if stats.get("engine") == "static":
         log(f"static batches through the model's own forward: the engine cannot drive it ({stats['engine_reason']})")
     records = sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]])
@@ -305,10 +310,11 @@ def main(argv=None):
         write_json(summary_path, summary)
 
 
-def continue_mistakes(model, tok, jobs, eos_ids, stops, stop_fn, slots, stats):
+def continue_mistakes(model, tok, jobs, eos_ids, stops, stop_fn, slots):
     """Adding a mistake, first half: each 'mistake' job's CoT, cut after its corrupted result, is continued by the
     model (greedy, up to CONTINUE_TOKENS, the cot stops), and the job's prompt becomes that CoT and the answer cue.
-    Returns the requests of every job, ready to answer. Not saved: a resumed run continues its mistakes again."""
+    Returns the requests of every job, ready to answer, and the engine's counters of the continuations. Not saved:
+    a resumed run continues its mistakes again."""
     mistakes = [q for q in jobs if q["intervention"] == "mistake"]
     cue = tok(ANSWER_CUE, add_special_tokens=False)["input_ids"]
     first = {}
@@ -320,9 +326,7 @@ def continue_mistakes(model, tok, jobs, eos_ids, stops, stop_fn, slots, stats):
         q["continuation"] = finish_text(tok, ids, eos_ids, stops)
         q["continuation_stop"] = reason
         q["ids"] = q["ids"] + tok(q["continuation"], add_special_tokens=False)["input_ids"] + cue
-    for k in ("prefill_seconds", "decode_seconds", "decode_steps", "busy_slot_steps"):
-        stats[f"continue_{k}"] = first.get(k)
-    return [(q["id"], q["ids"], None) for q in jobs]
+    return [(q["id"], q["ids"], None) for q in jobs], first
 
 
 def engine_summary(stats, wall):

@@ -1,7 +1,6 @@
 """Interventions on a model's own chain of thought (Lanham et al. 2023, arXiv 2307.13702): text transforms, no model.
 
-generate.py --intervene builds the prompts and decodes them; score.py --functional turns the answers into the
-measures (docs/scoring.md#functional-faithfulness defines them).
+generate.py --intervene builds the prompts and decodes them; score.py turns the answers into the measures (docs/scoring.md#functional-faithfulness defines them).
 
     step_ends       where each step of a CoT ends (character offsets)
     early_points    which truncations k of the N steps to ask about (all, or a few evenly spaced)

@@ -285,6 +285,11 @@ def claims(text):
     return out
 
 
+def same_number(a, b):
+    """Do two answers agree? Both numbers, equal to 1e-6 relative to b (exact for the integers GSM8K uses)."""
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
 def read_number(s):
     """The number an answer states, normalised as math evaluators do (Qwen2.5-Math's strip_string, lm-eval's
     Minerva normaliser): \\$ $ \\% % ^\\circ, thousands separators (, {,} \\, \\!), spaces, \\text{} and

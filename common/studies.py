@@ -13,6 +13,7 @@ import os
 from common.checkpoints import read_checkpoint_meta
 from common.cli import CotpruneError
 from common.files import read_json
+from common.mathtext import same_number
 from common.reports import (cell, claim, compare, diff_cell, estimate, fmt, holm_mark, holm_note, interval,
                             mdd_paragraph, model_key, paper, perplexity_compare, perplexity_estimate, table, with_sd,
                             VERDICT_NOTE)
@@ -346,9 +347,7 @@ SUBSET = ("aoc", "mistake_changed")  # also on the problems both models answer a
 def same_answer(a, b):
     """(a, b) restricted to the problems where both give the same answer after the whole CoT: the control for the
     accuracy confound, so a model that answers otherwise is not read as reasoning otherwise."""
-    def alike(x, y):
-        return x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(x))
-    ids = {i for i in set(a) & set(b) if alike(a[i]["full_pred"], b[i]["full_pred"])}
+    ids = {i for i in set(a) & set(b) if same_number(b[i]["full_pred"], a[i]["full_pred"])}
     return {i: a[i] for i in ids}, {i: b[i] for i in ids}
 
 
