@@ -57,10 +57,10 @@ def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats):
     stop = stop_checker(tok, stops)
     eng = Engine(model, batch_size, max(map(len, prompts)) + max_new + 1)
     outs = [None] * len(prompts)
-    with fast_linears(model):  # packing the weights is part of the timed work
+    with fast_linears(model) as packed:  # packing the weights is part of the timed work
         for k, ids, _, _ in eng.generate([(k, p, None) for k, p in enumerate(prompts)], max_new, eos, stop):
             outs[k] = ids
-    stats.update(eng.stats, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
+    stats.update(eng.stats, packed=packed, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
     return outs
 
 
@@ -127,6 +127,8 @@ def main():
     p.add_argument("--dtypes", default="auto,float32", help="compute dtypes, comma-separated")
     p.add_argument("--n", type=int, default=0, help="prompts per case; 0 = twice the batch size")
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds; the best time of each counts")
+    p.add_argument("--same-linears", action="store_true",
+                   help="also run model.generate on the engine's packed linears, for the identical-outputs check")
     p.add_argument("--profile", action="store_true", help="only profile one decode step (chat, largest batch)")
     args = p.parse_args()
     device = torch.device("cpu")
@@ -152,23 +154,35 @@ def main():
                          for c in ("dynamic", "static")}
                 cache = min(probe, key=probe.get)
                 best, outs, stats = {}, {}, {}
+                sides = [("model.generate", lambda: baseline(model, tok, case, B, max_new, eos, pad, stops, cache)),
+                         ("engine", lambda: ours(model, tok, case, B, max_new, eos, stops, stats))]
+                if args.same_linears:  # model.generate on the packed linears: the same kernels, so the same bits
+                    sides.append(("packed model.generate", lambda: packed_baseline(model, tok, case, B, max_new, eos,
+                                                                                    pad, stops, cache)))
                 for _ in range(args.repeats):
-                    for name, fn in (("model.generate", lambda: baseline(model, tok, case, B, max_new, eos, pad,
-                                                                         stops, cache)),
-                                     ("engine", lambda: ours(model, tok, case, B, max_new, eos, stops, stats))):
+                    for name, fn in sides:
                         t0 = time.perf_counter()
                         outs[name] = fn()
                         best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
                 bound, gflops = linear_bound(model, B)
                 rate = {k: sum(map(len, outs[k])) / v for k, v in best.items()}
-                same = sum(same_output(a, b, stops, tok) for a, b in zip(outs["engine"], outs["model.generate"]))
+                same = {k: sum(same_output(a, b, stops, tok) for a, b in zip(outs["engine"], outs[k]))
+                        for k in outs if k != "engine"}
                 print(f"{str(dtype).replace('torch.', ''):8s} {style:4s} cap {max_new:3d} B {B:2d} n {len(case):3d}: "
                       f"model.generate ({cache} cache) {rate['model.generate']:6.1f} tok/s, engine "
                       f"{rate['engine']:6.1f} tok/s = {rate['engine'] / rate['model.generate']:.2f}x; matmul bound "
                       f"{bound:6.1f} tok/s ({gflops:.0f} GFLOP/s), engine at {rate['engine'] / bound:.0%} of it; "
                       f"busy slots {stats['mean_busy_slots']:.1f}, prefill "
-                      f"{stats['prefill_seconds'] / best['engine']:.0%} of its time; identical outputs {same}/"
-                      f"{len(case)}", flush=True)
+                      f"{stats['prefill_seconds'] / best['engine']:.0%} of its time; packed linears "
+                      f"{stats.get('packed')}; identical outputs to "
+                      + ", ".join(f"{k} {v}/{len(case)}" for k, v in same.items())
+                      + (f"; packed model.generate {rate['packed model.generate']:.1f} tok/s"
+                         if "packed model.generate" in rate else ""), flush=True)
+
+
+def packed_baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):
+    with fast_linears(model):
+        return baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache)
 
 
 def time_it(fn):

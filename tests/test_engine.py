@@ -1,8 +1,10 @@
 """common/engine.py's continuous batching against model.generate at batch 1, the reference a user would trust."""
+import contextlib
+
 import pytest
 import torch
 
-from common.engine import Engine, decode, engine_supported, row_generator, run
+from common.engine import Engine, decode, engine_supported, fast_linears, row_generator, run
 from common.models import load_model, load_tokenizer
 
 
@@ -30,12 +32,21 @@ def reference(model, prompt, max_new, eos):
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["default-linears", "packed-linears"])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
-def test_float32_greedy_equals_model_generate_at_batch_1(arch, request):
+def test_float32_greedy_equals_model_generate_at_batch_1(arch, packed, request):
     """Seven prompts through three slots: rows finish at different steps (an EOS chosen so some stop early) and
-    their slots are refilled; every row's tokens must equal model.generate's for that prompt alone."""
+    their slots are refilled; every row's tokens must equal model.generate's for that prompt alone, with the
+    default linears and with the packed ones generate.py uses (both sides under the same linears)."""
     path = request.getfixturevalue(arch)
     tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
+    with (fast_linears(model) if packed else contextlib.nullcontext(False)) as used:
+        if packed and not used:
+            pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
+        check_engine_against_generate(tok, model)
+
+
+def check_engine_against_generate(tok, model):
     prompts = prompts_of(tok, 7)
     free = greedy_no_cache(model, prompts[0], 12)
     eos = free[4]  # a token the model produces: rows that meet it end early, the others run to the cap

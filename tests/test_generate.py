@@ -182,10 +182,29 @@ def test_fast_linears_step_aside_when_forced_off(tiny_llama, monkeypatch):
         assert used is False and not any("forward" in vars(m) for m in model.modules())
 
 
-def test_fast_linears_leave_float32_alone(tiny_llama):
-    model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
+def test_packed_float32_linears_are_batch_invariant_and_close(tiny_qwen):
+    """Where fast_linears packs float32 (its probe passed), every Linear gives a row the same bits alone as among
+    other rows, agrees with F.linear to rounding, and the modules are restored afterwards."""
+    model = load_model(tiny_qwen, torch.device("cpu"), torch.float32)
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {m: torch.randn(9, m.in_features) for m in lins}
+    with torch.no_grad():
+        plain = {m: m(x[m]) for m in lins}
+        with engine.fast_linears(model) as used:
+            if not used:
+                pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
+            for m in lins:
+                batch = m(x[m])
+                alone = torch.cat([m(x[m][i: i + 1]) for i in range(9)])
+                assert torch.equal(batch, alone)
+                assert torch.allclose(batch, plain[m], rtol=1e-4, atol=1e-5)
+    assert not any("forward" in vars(m) for m in lins)
+
+
+def test_fast_linears_step_aside_for_mixed_or_other_dtypes(tiny_llama):
+    model = load_model(tiny_llama, torch.device("cpu"), torch.float16)
     with engine.fast_linears(model) as used:
-        assert used is False
+        assert used is False and not any("forward" in vars(m) for m in model.modules())
 
 
 def test_resumed_sampling_equals_uninterrupted(tmp_path, tiny_llama, monkeypatch):
