@@ -60,7 +60,8 @@ def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats):
     with fast_linears(model) as packed:  # packing the weights is part of the timed work
         for k, ids, _, _ in eng.generate([(k, p, None) for k, p in enumerate(prompts)], max_new, eos, stop):
             outs[k] = ids
-    stats.update(eng.stats, packed=packed, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
+    stats.update(eng.stats, packed=packed,
+                 mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
     return outs
 
 

@@ -111,3 +111,24 @@ def test_models_the_engine_cannot_drive_take_the_static_path(tiny_llama, monkeyp
     got = list(run(model, [(k, p, None) for k, p in enumerate(prompts)], 6, {-1}, tok.pad_token_id, 3,
                    stats=stats))
     assert stats["engine"] == "static" and [g[1] for g in got] == [ids for ids, _ in static]
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
+def test_packed_prefill_equals_prompts_prefilled_alone(arch, request):
+    """Several prompts prefilled in one packed pass give each slot the same keys, values and last-position logits,
+    bit for bit, as prefilling each alone (float32 on the packed linears, which are batch-invariant), and the
+    model's attention setting is restored afterwards."""
+    path = request.getfixturevalue(arch)
+    tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
+    prompts = prompts_of(tok, 5)
+    with fast_linears(model) as used, torch.inference_mode():
+        if not used:
+            pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
+        alone, packed = Engine(model, 5, 64), Engine(model, 5, 64)
+        want = torch.cat([alone.prefill(s, p) for s, p in enumerate(prompts)])
+        got = packed.prefill_packed(list(enumerate(prompts)))
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(got, want)
+    for k_alone, k_packed in zip(alone.cache.k + alone.cache.v, packed.cache.k + packed.cache.v):
+        for s, p in enumerate(prompts):
+            assert torch.equal(k_packed[s, :, : len(p)], k_alone[s, :, : len(p)])
