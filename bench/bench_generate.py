@@ -2,18 +2,21 @@
 
     python bench/bench_generate.py                                   # chat at 512 and cot at 150, batch 16 and 64
     python bench/bench_generate.py --styles cot --batch-sizes 16 --dtypes float32
+    python bench/bench_generate.py --styles cot --dtypes float32 --same-linears --prefill-alone
     python bench/bench_generate.py --profile                         # where one decode step's time goes
 
 For each dtype, style and batch size B: the same 2·B GSM8K test prompts (`--n` to change), greedy, the style's cap
 and stop strings. The baseline is model.generate on input-order batches of B (left-padded), with whichever of its
 caches ("dynamic", "static") decodes these prompts faster, picked on a short probe in the same run. Ours is what
-generate.py does: Engine with B slots (continuous batching, a static per-slot cache, packed bfloat16 linears where
-the CPU has them). The two sides alternate (baseline, ours, baseline, ours: `--repeats`) and the best time of each
-counts, so a busy core hurts both alike.
+generate.py does: Engine with B slots (continuous batching, a static per-slot cache, packed prefill, packed oneDNN
+linears where its probe allows them). The sides alternate (baseline, ours, baseline, ours: `--repeats`) and the
+best time of each counts, so a busy core hurts both alike. `--same-linears` adds model.generate on the engine's
+packed linears (the same kernels, so identical outputs are expected by construction in float32); `--prefill-alone`
+adds the engine with every prompt prefilled on its own.
 
 The bound: one decode step at batch B cannot beat the time of the model's own Linear layers (lm_head included) on a
 [B, in] input, measured here in the same dtype and with the same packing, so B / that time is the tokens/s the
-matmuls alone allow; ours is printed as a share of it. Identical outputs: rows whose tokens equal the baseline's
+matmuls alone allow; ours is printed as a share of it. Identical outputs: rows whose tokens equal each other side's
 (in float32 all should; bfloat16 is not batch-invariant, see docs/methods.md#determinism). A script that prints
 numbers, not a test.
 """
@@ -52,10 +55,12 @@ def baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):
     return outs
 
 
-def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats):
-    """Engine, as generate.py drives it: returns each row's new ids."""
+def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_prompts=True):
+    """Engine, as generate.py drives it: returns each row's new ids (pack_prompts False: every prompt prefilled
+    alone, as before packed prefill)."""
     stop = stop_checker(tok, stops)
     eng = Engine(model, batch_size, max(map(len, prompts)) + max_new + 1)
+    eng.pack_prompts = eng.pack_prompts and pack_prompts
     outs = [None] * len(prompts)
     with fast_linears(model) as packed:  # packing the weights is part of the timed work
         for k, ids, _, _ in eng.generate([(k, p, None) for k, p in enumerate(prompts)], max_new, eos, stop):
@@ -103,7 +108,8 @@ def profile_step(model, prompts, batch_size, steps=20):
             for k in range(1, steps + 1):
                 tok = eng._step(tok, pos + k, int(pos.max()) + k + 1).argmax(-1)
             wall = time.perf_counter() - t0
-    groups = {"matmuls (Linear layers)": ("aten::linear", "mkldnn::_linear_pointwise", "aten::addmm", "aten::mm"),
+    # Outermost ops only (aten::linear contains the aten::mm it calls): each time counted once.
+    groups = {"matmuls (Linear layers)": ("aten::linear", "mkldnn::_linear_pointwise"),
               "attention (sdpa)": ("aten::scaled_dot_product_attention",),
               "cache writes": ("aten::index_put_",), "argmax": ("aten::argmax",)}
     totals = {g: 0.0 for g in groups}
@@ -130,6 +136,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="alternating rounds; the best time of each counts")
     p.add_argument("--same-linears", action="store_true",
                    help="also run model.generate on the engine's packed linears, for the identical-outputs check")
+    p.add_argument("--prefill-alone", action="store_true",
+                   help="also run the engine with every prompt prefilled alone (what packed prefill saves)")
     p.add_argument("--profile", action="store_true", help="only profile one decode step (chat, largest batch)")
     args = p.parse_args()
     device = torch.device("cpu")
@@ -154,9 +162,12 @@ def main():
                 probe = {c: time_it(lambda c=c: baseline(model, tok, case[:B], B, 16, eos, pad, stops, c))
                          for c in ("dynamic", "static")}
                 cache = min(probe, key=probe.get)
-                best, outs, stats = {}, {}, {}
+                best, outs, stats, alone_stats = {}, {}, {}, {}
                 sides = [("model.generate", lambda: baseline(model, tok, case, B, max_new, eos, pad, stops, cache)),
                          ("engine", lambda: ours(model, tok, case, B, max_new, eos, stops, stats))]
+                if args.prefill_alone:  # the engine with every prompt prefilled on its own: what packing saves
+                    sides.append(("engine, prefill alone", lambda: ours(model, tok, case, B, max_new, eos, stops,
+                                                                         alone_stats, pack_prompts=False)))
                 if args.same_linears:  # model.generate on the packed linears: the same kernels, so the same bits
                     sides.append(("packed model.generate", lambda: packed_baseline(model, tok, case, B, max_new, eos,
                                                                                     pad, stops, cache)))
@@ -178,7 +189,10 @@ def main():
                       f"{stats.get('packed')}; identical outputs to "
                       + ", ".join(f"{k} {v}/{len(case)}" for k, v in same.items())
                       + (f"; packed model.generate {rate['packed model.generate']:.1f} tok/s"
-                         if "packed model.generate" in rate else ""), flush=True)
+                         if "packed model.generate" in rate else "")
+                      + (f"; engine with each prompt prefilled alone {rate['engine, prefill alone']:.1f} tok/s, "
+                         f"prefill {alone_stats['prefill_seconds']:.1f} s against {stats['prefill_seconds']:.1f} s"
+                         if alone_stats else ""), flush=True)
 
 
 def packed_baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):

@@ -86,10 +86,12 @@ def test_interrupted_run_resumes_without_repeating(tmp_path, tiny_llama, monkeyp
     assert not out.exists() and len(lines) == 1 + 3  # the settings line and the three finished rows
     with open(tmp_path / "gen.jsonl.part", "a") as f:
         f.write('{"id": "torn')  # a write cut short by the interruption
-    calls = []
-    real = engine.Engine.prefill
+    calls = []  # one entry per prompt prefilled, alone or packed with others
+    alone, packed = engine.Engine.prefill, engine.Engine.prefill_packed
     monkeypatch.setattr(engine.Engine, "_step", engine.Engine._step.__wrapped__)
-    monkeypatch.setattr(engine.Engine, "prefill", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(engine.Engine, "prefill", lambda self, *a, **k: calls.append(1) or alone(self, *a, **k))
+    monkeypatch.setattr(engine.Engine, "prefill_packed",
+                        lambda self, items: calls.extend([1] * len(items)) or packed(self, items))
     generate.main(argv)
     assert len(calls) == 4  # only the 4 missing problems were generated
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
