@@ -60,7 +60,8 @@ def fast_linears(model):
     packed once, instead of through the default kernels. Yields True if the packed path is in use.
 
     bfloat16: the same numbers bit for bit, 1.4-1.8x faster matmuls than repacking at every call (Zen 4 EPYC with
-    avx512_bf16). float32: 1.2-2.4x faster than MKL's sgemm at 16-64 rows on a 2-core AVX2 EPYC (bench/README.md),
+    avx512_bf16). float32: a decode step's linears 1.4x (64 rows) to 1.9x (16 rows) faster than MKL's sgemm on a
+    2-core AVX2 EPYC (docs/methods.md),
     and batch-invariant: MKL rounded a row differently alone and among 16 rows there, the packed kernel gave every
     row the same bits whatever the batch, which is what makes float32 tokens independent of their batch-mates. The
     float32 numbers are not F.linear's bit for bit (another summation order), so a run is consistent with itself,
@@ -83,9 +84,11 @@ def fast_linears(model):
     packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 16) for m in mods]
     for m, w in zip(mods, packed):
         m.forward = lambda x, w=w, b=m.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    model.cotprune_row_invariant_linears = True  # the probe checked it; Engine packs float32 prompts only then
     try:
         yield True
     finally:
+        del model.cotprune_row_invariant_linears
         for m in mods:
             del m.forward  # back to nn.Linear.forward
 
@@ -329,6 +332,7 @@ class Engine:
         self.stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0, "busy_slot_steps": 0,
                       "slots": slots}
         # Packed prefill needs the attention to be sdpa (_packed_sdpa wraps it); eager models prefill one by one.
+        # In float32 _fill also asks for row-invariant linears.
         self.pack_prompts = getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
 
     def _blocks(self, h, position_ids, mask, **extra):
@@ -433,7 +437,12 @@ class Engine:
     def _fill(self, rows, queue):
         """Take the next waiting prompts into the free slots and prefill them at once: the short ones packed
         together up to `chunk` tokens a pass (where the attention is sdpa), longer ones alone in chunks. Returns
-        [(slot, logits of the prompt's last position [1, V])]."""
+        [(slot, logits of the prompt's last position [1, V])].
+
+        In float32 prompts are packed only on row-invariant linears (fast_linears' probe), where packing changes
+        no bit; on others (MKL's float32 sgemm is not row-invariant) a prompt's logits would depend on the prompts
+        prefilled with it, breaking float32's independence of batch-mates. bfloat16 promises no such thing."""
+        import torch
         taken = []
         for s in [s for s, r in enumerate(rows) if r is None][: len(queue)]:
             key, ids, gen = queue.pop()
@@ -445,8 +454,10 @@ class Engine:
             if pack:
                 out.extend((s, lg[None]) for (s, _), lg in zip(pack, self.prefill_packed(pack)))
                 pack.clear()
+        pack_ok = self.pack_prompts and (self.dtype != torch.float32
+                                         or getattr(self.model, "cotprune_row_invariant_linears", False))
         for s, ids in taken:
-            if not (self.pack_prompts and len(ids) <= self.chunk):
+            if not (pack_ok and len(ids) <= self.chunk):
                 out.append((s, self.prefill(s, ids)))
                 continue
             if sum(len(p) for _, p in pack) + len(ids) > self.chunk:

@@ -132,3 +132,12 @@ def test_packed_prefill_equals_prompts_prefilled_alone(arch, request):
     for k_alone, k_packed in zip(alone.cache.k + alone.cache.v, packed.cache.k + packed.cache.v):
         for s, p in enumerate(prompts):
             assert torch.equal(k_packed[s, :, : len(p)], k_alone[s, :, : len(p)])
+
+
+def test_float32_prompts_are_not_packed_on_linears_that_are_not_row_invariant(tiny_llama, monkeypatch):
+    """Without the packed (row-invariant) linears a float32 engine prefills each prompt alone."""
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    calls = []
+    monkeypatch.setattr(Engine, "prefill_packed", lambda self, items: calls.append(items))
+    list(run(model, [(k, p, None) for k, p in enumerate(prompts_of(tok, 4))], 3, set(), tok.pad_token_id, 4))
+    assert calls == []
