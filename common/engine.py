@@ -221,8 +221,12 @@ class SlotCache:
     def at_decode(self, positions, kv_len):
         """Every slot writes one key at its own position [slots]; attention reads the first kv_len positions."""
         import torch
-        self.mode, self.pos, self.kv_len = "decode", positions, kv_len
-        self.rows = torch.arange(len(positions), device=positions.device)
+        self.mode, self.kv_len = "decode", kv_len
+        # Flat row of (slot, head, position) in a [slots * heads * capacity, head_dim] view: one index_copy_ per
+        # tensor, ~20x cheaper on the CPU than the advanced-indexing write K[rows, :, pos] (same values).
+        slots, heads = self.k[0].shape[:2]
+        base = torch.arange(slots * heads, device=positions.device).view(slots, heads) * self.capacity
+        self.flat = (base + positions[:, None]).reshape(-1)
 
     def at_prefill(self, slot, start, end):
         """Slot `slot` writes keys for positions start..end-1 and reads positions 0..end-1."""
@@ -236,8 +240,9 @@ class SlotCache:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         K, V = self.k[layer_idx], self.v[layer_idx]
         if self.mode == "decode":  # key_states [slots, kv_heads, 1, head_dim]
-            K[self.rows, :, self.pos] = key_states[:, :, 0]
-            V[self.rows, :, self.pos] = value_states[:, :, 0]
+            d = K.shape[-1]
+            K.view(-1, d).index_copy_(0, self.flat, key_states.reshape(-1, d))
+            V.view(-1, d).index_copy_(0, self.flat, value_states.reshape(-1, d))
             return K[:, :, : self.kv_len], V[:, :, : self.kv_len]
         if self.mode == "packed":
             for s, a, b in self.pieces:
@@ -333,7 +338,8 @@ class Engine:
                       "slots": slots}
         # Packed prefill needs the attention to be sdpa (_packed_sdpa wraps it); eager models prefill one by one.
         # In float32 _fill also asks for row-invariant linears.
-        self.pack_prompts = getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
+        self.sdpa = getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
+        self.pack_prompts = self.sdpa
 
     def _blocks(self, h, position_ids, mask, **extra):
         """The decoder blocks and the final norm on hidden states h [B, T, d] -> [B, T, d]."""
@@ -390,10 +396,12 @@ class Engine:
     def _step(self, tokens, positions, kv_len):
         """One token for every slot: tokens, positions [slots] -> logits [slots, V]."""
         import torch
-        mask = torch.where(torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None], 0.0, self.neg)
+        seen = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]
+        # sdpa takes the boolean mask as is (the same bits as the additive one, and ~10 % faster on the CPU: no
+        # mask to add); eager attention adds its mask, so it gets the additive form.
+        mask = seen if self.sdpa else torch.where(seen, 0.0, self.neg).to(self.dtype)
         self.cache.at_decode(positions, kv_len)
-        h = self._blocks(self.inner.embed_tokens(tokens[:, None]), positions[:, None],
-                         mask.to(self.dtype)[:, None, None, :])
+        h = self._blocks(self.inner.embed_tokens(tokens[:, None]), positions[:, None], mask[:, None, None, :])
         return self.model.lm_head(h[:, 0]).float()
 
     def generate(self, requests, max_new_tokens, eos_ids, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0):

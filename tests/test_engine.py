@@ -46,6 +46,15 @@ def test_float32_greedy_equals_model_generate_at_batch_1(arch, packed, request):
         check_engine_against_generate(tok, model)
 
 
+def test_eager_attention_gets_the_additive_mask_and_the_same_tokens(tiny_llama, monkeypatch):
+    """sdpa takes the engine's boolean decode mask; eager attention adds its mask, so the engine must hand it the
+    additive form: the same tokens as model.generate under eager attention."""
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager", raising=False)
+    assert not Engine(model, 2, 8).sdpa
+    check_engine_against_generate(tok, model)
+
+
 def check_engine_against_generate(tok, model):
     prompts = prompts_of(tok, 7)
     free = greedy_no_cache(model, prompts[0], 12)

@@ -33,13 +33,16 @@ def tiny_tokenizer(vocab_size=400, n_texts=300):
     return fast
 
 
-def tiny_model(arch="llama", vocab_size=400, seed=0, hidden=64, layers=2, intermediate=128):
+def tiny_model(arch="llama", vocab_size=400, seed=0, hidden=64, layers=2, intermediate=128, init=0.2):
+    """Weights drawn with std `init`, ten times transformers' default 0.02: at 0.02 a model this small is its
+    embedding read back through the tied lm_head (zeroing every attention output changed none of 84 greedy tokens),
+    so token-equality tests could not see a broken cache, mask or attention. At 0.2 zeroing it changes all 84."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     cfg = cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-              tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=0)
+              tie_word_embeddings=True, bos_token_id=None, eos_token_id=2, pad_token_id=0, initializer_range=init)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
