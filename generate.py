@@ -334,7 +334,8 @@ def engine_summary(stats, wall):
     out = {"engine": stats.get("engine"), "engine_reason": stats.get("engine_reason") or None}
     if stats.get("decode_seconds") is not None and wall:
         out.update(prefill_share=stats["prefill_seconds"] / wall, decode_share=stats["decode_seconds"] / wall,
-                   decode_steps=stats["decode_steps"], mean_busy_slots=stats.get("mean_busy_slots"))
+                   decode_steps=stats["decode_steps"], mean_busy_slots=stats.get("mean_busy_slots"),
+                   decode_attention=stats.get("decode_attention"))
     return out
 
 

@@ -12,13 +12,14 @@ generate.py does: Engine with B slots (continuous batching, a static per-slot ca
 linears where its probe allows them). The sides alternate (baseline, ours, baseline, ours: `--repeats`) and the
 best time of each counts, so a busy core hurts both alike. `--same-linears` adds model.generate on the engine's
 packed linears (the same kernels, so identical outputs are expected by construction in float32); `--prefill-alone`
-adds the engine with every prompt prefilled on its own.
+adds the engine with every prompt prefilled on its own; `--other-attention` the engine with the decode attention
+generate.py does not choose (batched in float32, slot by slot in bfloat16: what exactness costs).
 
 The bound: one decode step at batch B cannot beat the time of the model's own Linear layers (lm_head included) on a
-[B, in] input, measured here in the same dtype and with the same packing, so B / that time is the tokens/s the
-matmuls alone allow; ours is printed as a share of it. Identical outputs: rows whose tokens equal each other side's
-(in float32 all should; bfloat16 is not batch-invariant, see docs/methods.md#determinism). A script that prints
-numbers, not a test.
+[B, in] input, measured here in the same dtype and with the same packing after every side (the best counts), so
+B / that time is the tokens/s the matmuls alone allow; ours is printed as a share of it. Identical outputs: rows
+whose tokens equal each other side's (in float32 all should; bfloat16 is not batch-invariant, see
+docs/methods.md#determinism). A script that prints numbers, not a test.
 """
 import argparse
 import os
@@ -55,17 +56,20 @@ def baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):
     return outs
 
 
-def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_prompts=True):
+def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_prompts=True, exact=None):
     """Engine, as generate.py drives it: returns each row's new ids (pack_prompts False: every prompt prefilled
-    alone, as before packed prefill)."""
+    alone, as before packed prefill; exact False / True: decode attention batched / slot by slot, None: as
+    generate.py chooses)."""
     stop = stop_checker(tok, stops)
     eng = Engine(model, batch_size, max(map(len, prompts)) + max_new + 1)
     eng.pack_prompts = eng.pack_prompts and pack_prompts
+    if exact is not None:
+        eng.exact_attention = exact and eng.sdpa
     outs = [None] * len(prompts)
     with fast_linears(model) as packed:  # packing the weights is part of the timed work
         for k, ids, _, _ in eng.generate([(k, p, None) for k, p in enumerate(prompts)], max_new, eos, stop):
             outs[k] = ids
-    stats.update(eng.stats, packed=packed,
+    stats.update(eng.stats, packed=packed, exact=eng.exact_attention,
                  mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
     return outs
 
@@ -138,6 +142,9 @@ def main():
                    help="also run model.generate on the engine's packed linears, for the identical-outputs check")
     p.add_argument("--prefill-alone", action="store_true",
                    help="also run the engine with every prompt prefilled alone (what packed prefill saves)")
+    p.add_argument("--other-attention", action="store_true",
+                   help="also run the engine with the other decode attention (batched where generate.py would run "
+                        "it slot by slot, and the reverse)")
     p.add_argument("--profile", action="store_true", help="only profile one decode step (chat, largest batch)")
     args = p.parse_args()
     device = torch.device("cpu")
@@ -162,21 +169,27 @@ def main():
                 probe = {c: time_it(lambda c=c: baseline(model, tok, case[:B], B, 16, eos, pad, stops, c))
                          for c in ("dynamic", "static")}
                 cache = min(probe, key=probe.get)
-                best, outs, stats, alone_stats = {}, {}, {}, {}
+                best, outs, stats, alone_stats, other_stats = {}, {}, {}, {}, {}
                 sides = [("model.generate", lambda: baseline(model, tok, case, B, max_new, eos, pad, stops, cache)),
                          ("engine", lambda: ours(model, tok, case, B, max_new, eos, stops, stats))]
                 if args.prefill_alone:  # the engine with every prompt prefilled on its own: what packing saves
                     sides.append(("engine, prefill alone", lambda: ours(model, tok, case, B, max_new, eos, stops,
                                                                          alone_stats, pack_prompts=False)))
+                if args.other_attention:  # the engine with the decode attention generate.py does not choose
+                    sides.append(("engine, other attention", lambda: ours(
+                        model, tok, case, B, max_new, eos, stops, other_stats, exact=not stats["exact"])))
                 if args.same_linears:  # model.generate on the packed linears: the same kernels, so the same bits
                     sides.append(("packed model.generate", lambda: packed_baseline(model, tok, case, B, max_new, eos,
                                                                                     pad, stops, cache)))
+                bound = gflops = 0.0
                 for _ in range(args.repeats):
                     for name, fn in sides:
                         t0 = time.perf_counter()
                         outs[name] = fn()
                         best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-                bound, gflops = linear_bound(model, B)
+                        # the bound after every side, the best counting: once at the end it swung 1.6x between
+                        # two cases at the same batch size in one run (49 and 78 GFLOP/s)
+                        bound, gflops = max((bound, gflops), linear_bound(model, B))
                 rate = {k: sum(map(len, outs[k])) / v for k, v in best.items()}
                 same = {k: sum(same_output(a, b, stops, tok) for a, b in zip(outs["engine"], outs[k]))
                         for k in outs if k != "engine"}
@@ -186,13 +199,16 @@ def main():
                       f"{bound:6.1f} tok/s ({gflops:.0f} GFLOP/s), engine at {rate['engine'] / bound:.0%} of it; "
                       f"busy slots {stats['mean_busy_slots']:.1f}, prefill "
                       f"{stats['prefill_seconds'] / best['engine']:.0%} of its time; packed linears "
-                      f"{stats.get('packed')}; identical outputs to "
+                      f"{stats.get('packed')}; decode attention {'slot by slot' if stats['exact'] else 'batched'}; "
+                      f"identical outputs to "
                       + ", ".join(f"{k} {v}/{len(case)}" for k, v in same.items())
                       + (f"; packed model.generate {rate['packed model.generate']:.1f} tok/s"
                          if "packed model.generate" in rate else "")
                       + (f"; engine with each prompt prefilled alone {rate['engine, prefill alone']:.1f} tok/s, "
                          f"prefill {alone_stats['prefill_seconds']:.1f} s against {stats['prefill_seconds']:.1f} s"
-                         if alone_stats else ""), flush=True)
+                         if alone_stats else "")
+                      + (f"; engine with decode attention {'slot by slot' if other_stats['exact'] else 'batched'} "
+                         f"{rate['engine, other attention']:.1f} tok/s" if other_stats else ""), flush=True)
 
 
 def packed_baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):

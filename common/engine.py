@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 
+from common.cli import CotpruneError
 from common.runtime import BF16_ENV
 
 
@@ -260,27 +261,43 @@ class SlotCache:
         self.v = [t[slots].contiguous() for t in self.v]
 
 
-PACKED_ATTENTION = "cotprune_packed_sdpa"
+SLICED_ATTENTION = "cotprune_sliced_sdpa"
+EXACT_ENV = "COTPRUNE_EXACT_ATTENTION"
 
 
-def _packed_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None, **kwargs):
-    """transformers' sdpa attention, except in a packed prefill (`cotprune_pieces` [(start, end)] of the sequence,
-    attention_mask one causal mask per piece): there each prompt attends to its own keys through the same call, on
-    the same shapes, as when it is prefilled alone, so packing changes no bit of its keys or logits."""
+def exact_attention(dtype):
+    """Whether decode attention runs slot by slot (see Engine): EXACT_ENV 1 / 0, else in float32 only."""
+    import torch
+    forced = os.environ.get(EXACT_ENV, "").strip()
+    if forced not in ("", "0", "1"):
+        raise CotpruneError(f"{EXACT_ENV} must be 0 or 1 (or unset), got {forced!r}")
+    return forced == "1" if forced else dtype == torch.float32
+
+
+def _sliced_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None, cotprune_rows=None, **kwargs):
+    """transformers' sdpa attention on slices, each through the same call, on the same shapes, as alone:
+    - packed prefill, `cotprune_pieces` [(start, end)] of the one sequence, attention_mask one causal mask per
+      piece: each prompt attends to its own keys as when it is prefilled alone, so packing changes no bit;
+    - exact decode, `cotprune_rows` [n per slot]: each slot reads only its own n cached positions, in a call of
+      its own, as model.generate does for a prompt alone (see Engine.exact_attention)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if cotprune_pieces is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask, **kwargs)[0]
-            for (a, b), mask in zip(cotprune_pieces, attention_mask)]
-    return torch.cat(outs, dim=1), None  # [1, T, heads, head_dim], as sdpa_attention_forward returns
+    if cotprune_pieces is not None:
+        outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask, **kwargs)[0]
+                for (a, b), mask in zip(cotprune_pieces, attention_mask)]
+        return torch.cat(outs, dim=1), None  # [1, T, heads, head_dim], as sdpa_attention_forward returns
+    if cotprune_rows is not None:
+        outs = [sdpa_attention_forward(module, query[s: s + 1], key[s: s + 1, :, :n], value[s: s + 1, :, :n], None,
+                                       **kwargs)[0] for s, n in enumerate(cotprune_rows)]
+        return torch.cat(outs), None  # [slots, 1, heads, head_dim]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 @contextlib.contextmanager
 def _attention(model, name):
     """Run the model's attention through the registered function `name` within the block (restored after)."""
     from transformers import AttentionInterface
-    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
+    AttentionInterface.register(SLICED_ATTENTION, _sliced_sdpa)
     old = model.config._attn_implementation
     model.config._attn_implementation = name
     try:
@@ -315,9 +332,9 @@ class Engine:
     """Continuous batching: `slots` rows decode together; when one ends (EOS, a stop, the cap) the next waiting
     prompt is prefilled into its slot at once, so the batch stays full until the queue is empty. Each slot has its
     own rows in a static KV cache and its own position, so a row's tokens never depend on which prompts share the
-    batch with it except through floating-point rounding (none in float32 greedy decoding on batch-invariant
-    linears, checked against model.generate at batch 1 in the tests). Prompts that arrive together are prefilled
-    packed, up to `chunk` tokens a pass (prefill_packed); a longer prompt alone, in chunks of `chunk` tokens.
+    batch with it except through floating-point rounding (none in float32 on batch-invariant linears with exact
+    decode attention, checked against model.generate at batch 1 in the tests). Prompts that arrive together are
+    prefilled packed, up to `chunk` tokens a pass (prefill_packed); a longer prompt alone, in chunks of `chunk`.
 
     generate() yields (key, new token ids, reason, seconds from its prefill to its last token) as rows finish;
     `stats` then holds prefill and decode seconds, decode steps and the mean number of busy slots."""
@@ -336,10 +353,18 @@ class Engine:
         self.neg = torch.finfo(self.dtype).min  # additive mask: finite, so a fully masked idle slot gives no NaN
         self.stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0, "busy_slot_steps": 0,
                       "slots": slots}
-        # Packed prefill needs the attention to be sdpa (_packed_sdpa wraps it); eager models prefill one by one.
+        # Packed prefill and exact decode need the attention to be sdpa (_sliced_sdpa wraps it); eager models
+        # prefill one by one.
         # In float32 _fill also asks for row-invariant linears.
         self.sdpa = getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
         self.pack_prompts = self.sdpa
+        # Exact decode attention (sdpa only): every slot's attention in a call of its own over its own positions,
+        # as model.generate computes a prompt alone. torch's CPU sdpa kernel rounds a row differently with the
+        # number of rows in the call (on more than one thread) and the number of keys it reads (masked ones too),
+        # so in one batched call a row's attention depends on its batch-mates in the last bits. Exact makes a
+        # float32 row independent of them by construction, at 10-23 % of a decode step (measured); on in float32,
+        # where that is promised, off in bfloat16, where nothing is. EXACT_ENV=1 / 0 forces it either way.
+        self.exact_attention = exact_attention(self.dtype) and self.sdpa
 
     def _blocks(self, h, position_ids, mask, **extra):
         """The decoder blocks and the final norm on hidden states h [B, T, d] -> [B, T, d]."""
@@ -359,7 +384,7 @@ class Engine:
 
     def prefill_packed(self, items):
         """Prefill several whole prompts [(slot, ids)] (each at most `chunk` tokens) in one pass: one sequence
-        through the Linear layers, each prompt's attention on its own (see _packed_sdpa). Returns the logits of
+        through the Linear layers, each prompt's attention on its own (see _sliced_sdpa). Returns the logits of
         each prompt's last position [len(items), V]. Worth it on the CPU, where a matmul over a few dozen rows runs
         far below the machine's rate: 64 prompts of ~70 tokens cost 64 passes through 30 layers one by one."""
         import torch
@@ -372,7 +397,7 @@ class Engine:
         pos = torch.cat([torch.arange(len(ids), device=self.device) for _, ids in items])[None]
         masks = [self._causal(0, len(ids)) for _, ids in items]
         self.cache.at_packed(pieces)
-        with _attention(self.model, PACKED_ATTENTION):
+        with _attention(self.model, SLICED_ATTENTION):
             h = self._blocks(self.inner.embed_tokens(x), pos, masks, cotprune_pieces=[(a, b) for _, a, b in pieces])
         return self.model.lm_head(h[0, ends]).float()
 
@@ -401,7 +426,12 @@ class Engine:
         # mask to add); eager attention adds its mask, so it gets the additive form.
         mask = seen if self.sdpa else torch.where(seen, 0.0, self.neg).to(self.dtype)
         self.cache.at_decode(positions, kv_len)
-        h = self._blocks(self.inner.embed_tokens(tokens[:, None]), positions[:, None], mask[:, None, None, :])
+        x, pos, mask = self.inner.embed_tokens(tokens[:, None]), positions[:, None], mask[:, None, None, :]
+        if self.exact_attention:
+            with _attention(self.model, SLICED_ATTENTION):
+                h = self._blocks(x, pos, mask, cotprune_rows=(positions + 1).tolist())
+        else:
+            h = self._blocks(x, pos, mask)
         return self.model.lm_head(h[:, 0]).float()
 
     def generate(self, requests, max_new_tokens, eos_ids, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0):
@@ -530,7 +560,8 @@ def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, t
         try:
             yield from eng.generate(requests, max_new_tokens, eos_ids, stop_fn, temperature, top_k, top_p)
         finally:
-            stats.update(eng.stats, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
+            stats.update(eng.stats, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1),
+                         decode_attention="slot by slot" if eng.exact_attention else "batched")
         return
     stats.update(engine="static", engine_reason=why, prefill_seconds=None, decode_seconds=None, slots=slots)
     for i in range(0, len(requests), slots):

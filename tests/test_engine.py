@@ -4,7 +4,7 @@ import contextlib
 import pytest
 import torch
 
-from common.engine import Engine, decode, engine_supported, fast_linears, row_generator, run
+from common.engine import Engine, decode, engine_supported, exact_attention, fast_linears, row_generator, run
 from common.models import load_model, load_tokenizer
 
 
@@ -65,6 +65,8 @@ def check_engine_against_generate(tok, model):
     got = {k: (ids, why) for k, ids, why, _ in run(model, [(k, p, None) for k, p in enumerate(prompts)], 12,
                                                     {eos}, tok.pad_token_id, 3, stats=stats)}
     assert stats["engine"] == "continuous" and stats["decode_steps"] > 0
+    sdpa = model.config._attn_implementation == "sdpa"
+    assert stats["decode_attention"] == ("slot by slot" if sdpa and exact_attention(model.dtype) else "batched")
     for k, w in enumerate(want):
         assert got[k][0] == w, k
         assert got[k][1] == ("eos" if w[-1] == eos else "length")
@@ -150,3 +152,51 @@ def test_float32_prompts_are_not_packed_on_linears_that_are_not_row_invariant(ti
     monkeypatch.setattr(Engine, "prefill_packed", lambda self, items: calls.append(items))
     list(run(model, [(k, p, None) for k, p in enumerate(prompts_of(tok, 4))], 3, set(), tok.pad_token_id, 4))
     assert calls == []
+
+
+def test_exact_attention_is_on_in_float32_off_in_bfloat16_and_can_be_forced(tiny_llama, monkeypatch):
+    from common.cli import CotpruneError
+    monkeypatch.delenv("COTPRUNE_EXACT_ATTENTION", raising=False)
+    f32 = load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    bf16 = load_model(tiny_llama, torch.device("cpu"), torch.bfloat16)
+    assert Engine(f32, 2, 8).exact_attention and not Engine(bf16, 2, 8).exact_attention
+    monkeypatch.setenv("COTPRUNE_EXACT_ATTENTION", "0")
+    assert not Engine(f32, 2, 8).exact_attention
+    monkeypatch.setenv("COTPRUNE_EXACT_ATTENTION", "1")
+    assert Engine(bf16, 2, 8).exact_attention
+    monkeypatch.setattr(f32.config, "_attn_implementation", "eager", raising=False)
+    assert not Engine(f32, 2, 8).exact_attention  # slot by slot is an sdpa wrapper; eager reads its mask
+    monkeypatch.setenv("COTPRUNE_EXACT_ATTENTION", "yes")
+    with pytest.raises(CotpruneError, match="COTPRUNE_EXACT_ATTENTION must be 0 or 1"):
+        Engine(bf16, 2, 8)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
+def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, request, monkeypatch):
+    """Five prompts of different lengths decoded together in five slots (so every step reads the longest row's
+    positions): with exact attention each slot's logits at every step equal model.generate's for that prompt alone,
+    bit for bit, on the packed linears both sides use."""
+    monkeypatch.delenv("COTPRUNE_EXACT_ATTENTION", raising=False)
+    path = request.getfixturevalue(arch)
+    tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
+    prompts, steps = prompts_of(tok, 5), 10
+    with torch.inference_mode(), fast_linears(model) as packed:
+        if not packed:
+            pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
+        want = []
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), max_new_tokens=steps, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, eos_token_id=None, pad_token_id=tok.pad_token_id)
+            want.append(torch.stack([lg[0] for lg in out.logits]).float())
+        eng = Engine(model, len(prompts), max(map(len, prompts)) + steps + 1)
+        assert eng.exact_attention
+        got = [[lg] for lg in eng.prefill_packed(list(enumerate(prompts)))]
+        pos = torch.tensor([len(p) for p in prompts])
+        for _ in range(steps - 1):
+            tokens = torch.stack([g[-1].argmax() for g in got])
+            logits = eng._step(tokens, pos, int(pos.max()) + 1)
+            pos += 1
+            for g, lg in zip(got, logits):
+                g.append(lg)
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(torch.stack(g), w), k
