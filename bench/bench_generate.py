@@ -115,7 +115,7 @@ def profile_step(model, prompts, batch_size, steps=20):
     # Outermost ops only (aten::linear contains the aten::mm it calls): each time counted once.
     groups = {"matmuls (Linear layers)": ("aten::linear", "mkldnn::_linear_pointwise"),
               "attention (sdpa)": ("aten::scaled_dot_product_attention",),
-              "cache writes": ("aten::index_put_",), "argmax": ("aten::argmax",)}
+              "cache writes": ("aten::index_copy_", "aten::index_put_"), "argmax": ("aten::argmax",)}
     totals = {g: 0.0 for g in groups}
     for ev in prof.key_averages():
         for g, keys in groups.items():
