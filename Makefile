@@ -1,7 +1,8 @@
 # cotprune: each artifact is a file made by one stage script; `make help` lists the targets.
 #   make all                                   the three studies on the embedded SmolLM2-135M-Instruct (offline)
 #   make all MODEL=Qwen/Qwen2.5-0.5B-Instruct  the same on a hub model, a local folder or a .gguf file
-#   make all N=200 SPARSITIES="0.1 0.5"        bigger or narrower runs
+#   make all SIZE=large                        about twice as long: the full sweep, the paper's 1,024-token answers
+#   make all N=200 SPARSITIES="0.1 0.5"        any size variable on its own
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
@@ -9,8 +10,25 @@ SHELL := bash
 MAKEFLAGS += --no-builtin-rules
 
 MODEL ?= embedded
-N ?= 50
+# SIZE sets the defaults that cost the most time; a variable given on the command line wins over either.
+#   quick (default): about an hour of `make all` on 2 cores; large: about twice that
+SIZE ?= quick
+ifeq ($(SIZE),quick)
+SPARSITIES ?= 0.01 0.05 0.1 0.3 0.5
+NEURON_PROMPTS ?= 400
+NEURON_TOKENS ?= 512
+CODE_PROMPTS ?= 400
+RECOVER_STEPS ?= 20
+else ifeq ($(SIZE),large)
 SPARSITIES ?= 0.01 0.05 0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8
+NEURON_PROMPTS ?= 800
+NEURON_TOKENS ?= 1024
+CODE_PROMPTS ?= 800
+RECOVER_STEPS ?= 30
+else
+$(error SIZE=$(SIZE): use SIZE=quick (the default, about an hour) or SIZE=large (about two))
+endif
+N ?= 50
 STYLES ?= direct cot
 # BATCH: slots decoded together; 0 = as many as memory allows (at most 64 on a CPU)
 BATCH ?= 0
@@ -33,16 +51,12 @@ HELDOUT_TOKENS ?= 8192
 # task-specific neuron pruning, LoRA recovery and traps (make neurons)
 NEURON_SPARSITIES ?= 0.25
 MULTIPLE ?= 128
-NEURON_PROMPTS ?= 800
 RANDOM_SEEDS ?= 42 33
 NEURON_N ?= 16
-NEURON_TOKENS ?= 1024
-RECOVER_STEPS ?= 30
 RECOVER_LR ?= 2e-4
 # the same study on code (make neurons-code): selectivity from standard-library functions, HumanEval pass@1
 CODE_N ?= 16
 CODE_TOKENS ?= 512
-CODE_PROMPTS ?= 800
 CODE_DATA ?= data/stdlib/functions.jsonl
 PYTHON ?= python3
 VENV ?= .venv
@@ -54,7 +68,8 @@ SLUG ?= SmolLM2-135M-Instruct
 else
 SLUG ?= $(patsubst %.gguf,%,$(notdir $(patsubst %/,%,$(MODEL))))
 endif
-OUT ?= out/$(SLUG)
+# each SIZE writes its own tree, so that no file made at one size is taken for the other
+OUT ?= out/$(SLUG)$(if $(filter large,$(SIZE)),-large)
 MODELS := $(OUT)/models
 MAG := $(OUT)/n$(N)
 ALL_SP := 0 $(SPARSITIES)
@@ -242,7 +257,7 @@ $(NEC)/n$(CODE_N)/report/report.md: $(NEC_EVAL) correlate.py $(COMMON)
 $(OUT)/report.md: $(MAG)/magnitude/report.md $(RAC)/n$(RAC_N)/report/report.md $(NEU)/n$(NEURON_N)/report/report.md \
                   $(NEC)/n$(CODE_N)/report/report.md
 	{ echo "# cotprune report: $(SLUG)"; echo; \
-	  echo "Model \`$(MODEL)\`, N=$(N) GSM8K test problems, $(if $(filter 0,$(BATCH)),slots as memory allows,$(BATCH) slots), dtype $(DTYPE); made $$(date -u +%F) on" \
+	  echo "Model \`$(MODEL)\`, SIZE $(SIZE), N=$(N) GSM8K test problems, $(if $(filter 0,$(BATCH)),slots as memory allows,$(BATCH) slots), dtype $(DTYPE); made $$(date -u +%F) on" \
 	       "$$(nproc) CPU cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))."; echo; \
 	  for f in $^; do cat $$f; echo; done; } > $@.tmp && mv $@.tmp $@
 

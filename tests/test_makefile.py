@@ -8,12 +8,16 @@ import pytest
 from conftest import ROOT
 
 
-def planned_commands(tmp_path, *overrides):
-    """The stage commands of `make -n -B all`, continuation lines joined."""
+def make_n(*overrides):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    r = subprocess.run(["make", "-n", "-B", "all", "MODEL=x", f"OUT={tmp_path}/o", *overrides], cwd=ROOT,
-                       capture_output=True, text=True)
+    return subprocess.run(["make", "-n", "-B", "all", "MODEL=x", *overrides], cwd=ROOT, capture_output=True, text=True)
+
+
+def planned_commands(tmp_path, *overrides):
+    """The stage commands of `make -n -B all`, continuation lines joined."""
+    out = [] if any(o.startswith("SIZE=") for o in overrides) else [f"OUT={tmp_path}/o"]  # SIZE picks its own OUT
+    r = make_n(*out, *overrides)
     assert r.returncode == 0, r.stderr
     return [c for c in r.stdout.replace("\\\n", " ").splitlines() if re.search(r"\b\w+\.py\b", c)]
 
@@ -44,9 +48,36 @@ def test_batch_reaches_generation_and_traces(tmp_path):
 
 
 def test_functional_settings_reach_the_interventions(tmp_path):
-    cmds = planned_commands(tmp_path, "FUNC_N=7", "FUNC_POINTS=3")
+    cmds = planned_commands(tmp_path, "FUNC_N=7", "FUNC_POINTS=3", "SPARSITIES=0.1 0.2 0.5")
     inter = [c for c in cmds if "--intervene" in c]
-    assert len(inter) == 11 and all("--limit 7" in c and "--early-points 3" in c for c in inter)  # every sparsity
+    assert len(inter) == 4 and all("--limit 7" in c and "--early-points 3" in c for c in inter)  # every sparsity
     report = next(c for c in cmds if "correlate.py" in c and "--study" not in c)
-    assert report.count("/functional/n7/scores/") == 11
+    assert report.count("/functional/n7/scores/") == 4
     assert not [c for c in planned_commands(tmp_path, "FUNC_N=0") if "--intervene" in c]
+
+
+def size_settings(cmds):
+    """What the SIZE presets set, read back from the planned commands."""
+    magnitude = [c for c in cmds if "--method magnitude" in c and "/rac/" not in c]
+    neuron_gen = [c for c in cmds if "generate.py" in c and "/neurons/" in c]
+    return {"sweep": len(magnitude),
+            "prompts": sorted({re.search(r"--n-prompts (\d+)", c).group(1) for c in cmds if "--n-prompts" in c}),
+            "tokens": sorted({re.search(r"--max-new-tokens (\d+)", c).group(1) for c in neuron_gen}),
+            "steps": sorted({re.search(r"--max-steps (\d+)", c).group(1) for c in cmds if "recover.py" in c})}
+
+
+def test_size_presets_and_their_trees(tmp_path):
+    quick = size_settings(planned_commands(tmp_path, "SIZE=quick"))
+    assert quick == {"sweep": 5, "prompts": ["400"], "tokens": ["512"], "steps": ["20"]}
+    large = size_settings(planned_commands(tmp_path, "SIZE=large"))
+    assert large == {"sweep": 10, "prompts": ["800"], "tokens": ["1024"], "steps": ["30"]}
+    assert size_settings(planned_commands(tmp_path)) == quick
+    # each size writes its own tree, so that neither takes the other's files as done
+    trees = {size: set(re.findall(r" -o (out/[^/\s]+)/", make_n(f"SIZE={size}").stdout)) for size in ("quick", "large")}
+    assert trees == {"quick": {"out/x"}, "large": {"out/x-large"}}
+
+
+def test_a_variable_wins_over_its_size_and_a_bad_size_stops_make(tmp_path):
+    assert size_settings(planned_commands(tmp_path, "SIZE=large", "NEURON_TOKENS=64"))["tokens"] == ["64"]
+    r = make_n("SIZE=huge")
+    assert r.returncode != 0 and "SIZE=huge: use SIZE=quick" in r.stderr and not r.stdout
