@@ -1,4 +1,5 @@
 """The Makefile passes every setting to every stage it concerns (read from the commands `make -n` would run)."""
+import os
 import re
 import shutil
 import subprocess
@@ -11,7 +12,11 @@ from conftest import ROOT
 def make_n(*overrides):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    return subprocess.run(["make", "-n", "-B", "all", "MODEL=x", *overrides], cwd=ROOT, capture_output=True, text=True)
+    # Under `make test` the outer make's flags and its command-line variables (`make test SIZE=large`) reach this
+    # make through the environment, as would any variable a user exported: plan from a bare environment instead.
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    return subprocess.run(["make", "-n", "-B", "all", "MODEL=x", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          env=env)
 
 
 def planned_commands(tmp_path, *overrides):
