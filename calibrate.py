@@ -59,7 +59,8 @@ def build_parser():
     p.add_argument("--top-k", type=count, default=50, help="traces: keep the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=share, default=1.0, help="traces: nucleus mass, in (0, 1]")
     p.add_argument("--batch-size", type=count, default=0,
-                   help="traces: slots decoded together (0 = as many as memory allows, at most 64 on a CPU); "
+                   help="traces: slots decoded together (0 = as many as memory allows, at most 64 on a CPU, and "
+                        "no more than the fewest traces that can hold --tokens); "
                         "selectivity: prompts per forward pass (0 = 16)")
     p.add_argument("--limit", type=count, default=0, help="first N input records; 0 = all")
     p.add_argument("--target", default=DEFAULT_TARGET,
@@ -98,6 +99,19 @@ def text_records(tokenizer, records, source):
     return out
 
 
+def trace_slots(budget, prompt_lengths, max_new_tokens):
+    """Slots for --batch-size 0 under a token budget: the fewest traces, in file order, that can hold it (each at
+    most its prompt + max_new_tokens). Every one of them is needed, so no slot starts work that will be thrown
+    away; more slots run traces past the budget's end that are then dropped (docs/results.md has the cost), and a
+    slot freed early takes the next problem at once. 0 = no budget: no limit."""
+    total = 0
+    for k, n in enumerate(prompt_lengths, 1):
+        total += n + max_new_tokens
+        if budget and total >= budget:
+            return k
+    return max(1, len(prompt_lengths))
+
+
 def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_tokens, sampling, seed, device):
     """Sample traces of the problems in file order until the finished traces at the head of the file hold `budget`
     tokens (0 = all); appends each to `out` as it finishes. Each trace draws from its own generator, seeded by the
@@ -120,9 +134,12 @@ def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_
     requests = [(p["id"], prompts[p["id"]][1], row_generator(device, seed, p["id"])) for p in todo]
     with tqdm(total=budget or None, initial=head_tokens(), desc="trace tokens", unit="tok", disable=None) as bar, \
             fast_linears(model):
-        slots = batch_size or default_slots(model, max(len(r[1]) for r in requests) + max_new_tokens, device)
-        for key, new, reason, _ in run(model, requests, max_new_tokens, eos, tokenizer.pad_token_id, slots,
-                                       None, *sampling):
+        longest = max(len(r[1]) for r in requests) + max_new_tokens
+        wanted = trace_slots(budget - head_tokens(), [len(r[1]) for r in requests], max_new_tokens)
+        slots = batch_size or min(default_slots(model, longest, device), wanted)
+        stats = {}
+        rows = run(model, requests, max_new_tokens, eos, tokenizer.pad_token_id, slots, None, *sampling, stats=stats)
+        for key, new, reason, _ in rows:
             text, ids = prompts[key]
             trace = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
             out.write([{"id": key, "source": "traces", "prompt": text, "trace": trace, "text": text + trace,
@@ -132,6 +149,9 @@ def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_
             bar.update(head_tokens() - bar.n)
             if budget and head_tokens() >= budget:
                 break  # the rows still in flight are not needed: the head of the file holds the budget
+        rows.close()  # the engine's counters land in stats
+    if "busy_slot_steps" in stats:  # one token per busy slot and step, and one per prefilled row
+        log(f"{slots} slots decoded {stats['busy_slot_steps'] + stats.get('prefilled_rows', 0):,} new tokens in all")
 
 
 def prompt_texts(records, name):

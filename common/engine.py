@@ -353,7 +353,7 @@ class Engine:
         self.cache = SlotCache(len(self.inner.layers), slots, kv_heads, capacity, head_dim, self.dtype, self.device)
         self.neg = torch.finfo(self.dtype).min  # additive mask: finite, so a fully masked idle slot gives no NaN
         self.stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0, "busy_slot_steps": 0,
-                      "slots": slots}
+                      "prefilled_rows": 0, "slots": slots}
         # Packed prefill and exact decode need the attention to be sdpa (_sliced_sdpa wraps it); eager models
         # prefill one by one. In float32 _fill also asks for row-invariant linears.
         self.sdpa = getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
@@ -503,6 +503,7 @@ class Engine:
             pack.append((s, ids))
         flush()
         self.stats["prefill_seconds"] += time.perf_counter() - t0
+        self.stats["prefilled_rows"] += len(taken)  # each makes its first token from its prefill's logits
         return out
 
     def _advance(self, row, logits, eos, max_new, stop_fn, temperature, top_k, top_p):

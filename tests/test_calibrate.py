@@ -1,5 +1,7 @@
 """calibrate.py: traces, prompt-only and generic text; budget, determinism, resumption."""
 import json
+import random
+import re
 
 import pytest
 
@@ -44,13 +46,29 @@ def test_traces_resume(tmp_path, tiny_llama, monkeypatch):
     assert traces(tmp_path, tiny_llama, "r.jsonl", "--dtype", "float32") == whole
 
 
-def test_traces_auto_slots_same_as_fixed(tmp_path, tiny_llama):
-    # --batch-size 0 sizes the slots from memory; in float32 a row's tokens do not depend on its batch-mates
+def test_traces_auto_slots_same_as_fixed(tmp_path, tiny_llama, capsys):
+    # --batch-size 0 sizes the slots from memory and the budget; in float32 a row's tokens do not depend on its
+    # batch-mates, so the traces are those of 3 fixed slots
     fixed = traces(tmp_path, tiny_llama, "fixed.jsonl", "--dtype", "float32")
+    capsys.readouterr()
     out = tmp_path / "auto.jsonl"
     calibrate.main(["--model", tiny_llama, "--source", "traces", "--tokens", "600", "--max-new-tokens", "12",
                     "--batch-size", "0", "--dtype", "float32", "-o", str(out)])
     assert lines(out) == fixed
+    m = re.search(r"(\d+) slots decoded ([\d,]+) new tokens in all", capsys.readouterr().err)
+    assert m and int(m.group(1)) == calibrate.trace_slots(600, [r["prompt_tokens"] for r in fixed], 12) > 1
+    assert int(m.group(2).replace(",", "")) >= sum(r["trace_tokens"] for r in fixed)  # kept ones, and any cut off
+
+
+def test_trace_slots_are_the_fewest_traces_that_can_hold_the_budget():
+    assert calibrate.trace_slots(100, [10, 20, 30, 40], 15) == 3  # 25 + 35 = 60, + 45 = 105 >= 100
+    assert calibrate.trace_slots(105, [10, 20, 30, 40], 15) == 3 and calibrate.trace_slots(106, [10, 20, 30], 15) == 3
+    assert calibrate.trace_slots(0, [10] * 5, 15) == 5  # no budget: every problem
+    rng = random.Random(0)
+    for _ in range(200):  # against brute force: the smallest k whose k longest-possible traces reach the budget
+        lengths, budget, cap = [rng.randint(1, 50) for _ in range(rng.randint(1, 12))], rng.randint(1, 600), 20
+        fits = [k for k in range(1, len(lengths) + 1) if sum(lengths[:k]) + k * cap >= budget]
+        assert calibrate.trace_slots(budget, lengths, cap) == (fits[0] if fits else len(lengths))
 
 
 def test_prompts_and_text_sources(tmp_path, tiny_llama):
