@@ -73,7 +73,7 @@ def size_settings(cmds):
 
 def test_size_presets_and_their_trees(tmp_path):
     quick = size_settings(planned_commands(tmp_path, "SIZE=quick"))
-    assert quick == {"sweep": 5, "prompts": ["400"], "tokens": ["512"], "steps": ["20"]}
+    assert quick == {"sweep": 5, "prompts": ["400"], "tokens": ["512"], "steps": ["12"]}
     large = size_settings(planned_commands(tmp_path, "SIZE=large"))
     assert large == {"sweep": 10, "prompts": ["800"], "tokens": ["1024"], "steps": ["30"]}
     assert size_settings(planned_commands(tmp_path)) == quick
