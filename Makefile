@@ -11,7 +11,7 @@ MAKEFLAGS += --no-builtin-rules
 
 MODEL ?= embedded
 # SIZE sets the defaults that cost the most time; a variable given on the command line wins over either.
-#   quick (default): about an hour of `make all` on 2 cores; large: about twice that
+#   quick (default): 76 minutes of `make all` on 2 AVX2-only cores in float32; large: about twice that
 SIZE ?= quick
 ifeq ($(SIZE),quick)
 SPARSITIES ?= 0.01 0.05 0.1 0.3 0.5
@@ -26,7 +26,7 @@ NEURON_TOKENS ?= 1024
 CODE_PROMPTS ?= 800
 RECOVER_STEPS ?= 30
 else
-$(error SIZE=$(SIZE): use SIZE=quick (the default, about an hour) or SIZE=large (about two))
+$(error SIZE=$(SIZE): use SIZE=quick (the default) or SIZE=large (about twice as long))
 endif
 N ?= 50
 STYLES ?= direct cot
