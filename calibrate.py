@@ -129,13 +129,14 @@ def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_
                 break
             total += tokens[p["id"]]
         return total
-    if budget and head_tokens() >= budget:
+    if not todo or (budget and head_tokens() >= budget):
         return
     requests = [(p["id"], prompts[p["id"]][1], row_generator(device, seed, p["id"])) for p in todo]
     with tqdm(total=budget or None, initial=head_tokens(), desc="trace tokens", unit="tok", disable=None) as bar, \
             fast_linears(model):
         longest = max(len(r[1]) for r in requests) + max_new_tokens
-        wanted = trace_slots(budget - head_tokens(), [len(r[1]) for r in requests], max_new_tokens)
+        left = budget - head_tokens() if budget else 0  # a resumed run needs only the rest (0: no budget)
+        wanted = trace_slots(left, [len(r[1]) for r in requests], max_new_tokens)
         slots = batch_size or min(default_slots(model, longest, device), wanted)
         stats = {}
         rows = run(model, requests, max_new_tokens, eos, tokenizer.pad_token_id, slots, None, *sampling, stats=stats)
@@ -150,8 +151,8 @@ def collect_traces(model, tokenizer, problems, out, budget, batch_size, max_new_
             if budget and head_tokens() >= budget:
                 break  # the rows still in flight are not needed: the head of the file holds the budget
         rows.close()  # the engine's counters land in stats
-    if "busy_slot_steps" in stats:  # one token per busy slot and step, and one per prefilled row
-        log(f"{slots} slots decoded {stats['busy_slot_steps'] + stats.get('prefilled_rows', 0):,} new tokens in all")
+    if stats.get("engine") == "continuous":  # one token per busy slot and step, and one per prefilled row
+        log(f"{slots} slots decoded {stats['busy_slot_steps'] + stats['prefilled_rows']:,} new tokens in all")
 
 
 def prompt_texts(records, name):

@@ -8,6 +8,7 @@ import pytest
 import calibrate
 from common.chat import CHAT_INSTRUCTION
 from common.cli import CotpruneError
+from conftest import ROOT
 
 
 def lines(path):
@@ -58,6 +59,28 @@ def test_traces_auto_slots_same_as_fixed(tmp_path, tiny_llama, capsys):
     m = re.search(r"(\d+) slots decoded ([\d,]+) new tokens in all", capsys.readouterr().err)
     assert m and int(m.group(1)) == calibrate.trace_slots(600, [r["prompt_tokens"] for r in fixed], 12) > 1
     assert int(m.group(2).replace(",", "")) >= sum(r["trace_tokens"] for r in fixed)  # kept ones, and any cut off
+
+
+def test_traces_without_a_budget_resume_on_a_slot_per_problem_left(tmp_path, tiny_llama, monkeypatch, capsys):
+    # --tokens 0 (every problem) once gave a resumed run a negative budget, and so a single slot
+    src = tmp_path / "six.jsonl"
+    src.write_text("".join(open(f"{ROOT}/data/gsm8k/train.jsonl").readlines()[:6]))
+    out = tmp_path / "t.jsonl"
+    argv = ["--model", tiny_llama, "--source", "traces", str(src), "--tokens", "0", "--max-new-tokens", "12",
+            "--batch-size", "0", "--dtype", "float32", "-o", str(out)]
+    from common.files import JsonlAppender
+    from test_generate import dies_on_call
+    real = JsonlAppender.write
+    monkeypatch.setattr(JsonlAppender, "write", dies_on_call(3, real))  # interrupted after two traces
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.main(argv)
+    kept = len((tmp_path / "t.jsonl.part").read_text().splitlines()) - 1  # the settings line, then the traces
+    assert kept == 2
+    monkeypatch.setattr(JsonlAppender, "write", real)
+    capsys.readouterr()
+    calibrate.main(argv)
+    assert "4 slots decoded" in capsys.readouterr().err and len(lines(out)) == 6
+    calibrate.main(argv)  # nothing left to do: it returns, as with a budget met
 
 
 def test_trace_slots_are_the_fewest_traces_that_can_hold_the_budget():
