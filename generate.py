@@ -260,7 +260,7 @@ def main(argv=None):
         todo = [q for q in jobs if q["id"] not in out.done]
         by_id = {q["id"]: q for q in todo}
         order = {q["id"]: k for k, q in enumerate(jobs)}
-        requests = [(q["id"], q["ids"], None) for q in todo]
+        requests = [(q["id"], q["ids"], None, q["prefix"]) for q in todo]
     else:
         prompts = {p["id"]: build_prompt(tok, args.style, p["question"]) for p in problems}
         todo = [p for p in problems if p["id"] not in out.done]
@@ -279,7 +279,8 @@ def main(argv=None):
                                              args.temperature, args.top_k, args.top_p, stats):
             p = by_id[key]
             if args.intervene:
-                rec = {**{k: v for k, v in p.items() if k != "ids"}, "style": "intervene", "model": args.model,
+                rec = {**{k: v for k, v in p.items() if k not in ("ids", "prefix")}, "style": "intervene",
+                       "model": args.model,
                        "prompt": tok.decode(p["ids"])}
                 prompt_tokens = len(p["ids"])
             else:
@@ -290,7 +291,7 @@ def main(argv=None):
             out.write(made[-1:])
             bar.update(1)
     if args.intervene:  # the summary's time shares and busy slots cover both halves of the mistakes too
-        for k in ("prefill_seconds", "decode_seconds", "decode_steps", "busy_slot_steps"):
+        for k in ("prefill_seconds", "decode_seconds", "decode_steps", "busy_slot_steps", "shared_prefix_tokens"):
             if stats.get(k) is not None or first.get(k) is not None:
                 stats[k] = (stats.get(k) or 0) + (first.get(k) or 0)
         if stats.get("decode_steps"):
@@ -319,14 +320,15 @@ def continue_mistakes(model, tok, jobs, eos_ids, stops, stop_fn, slots):
     cue = tok(ANSWER_CUE, add_special_tokens=False)["input_ids"]
     first = {}
     by_id = {q["id"]: q for q in mistakes}
-    for key, ids, reason, _ in tqdm(run(model, [(q["id"], q["ids"], None) for q in mistakes], CONTINUE_TOKENS,
-                                        eos_ids, tok.pad_token_id, slots, stop_fn, stats=first),
+    requests = [(q["id"], q["ids"], None) for q in mistakes]  # one per problem: no prefix to share
+    for key, ids, reason, _ in tqdm(run(model, requests, CONTINUE_TOKENS, eos_ids, tok.pad_token_id, slots, stop_fn,
+                                        stats=first),
                                     total=len(mistakes), desc="continue mistakes", unit="q", disable=None):
         q = by_id[key]
         q["continuation"] = finish_text(tok, ids, eos_ids, stops)
         q["continuation_stop"] = reason
         q["ids"] = q["ids"] + tok(q["continuation"], add_special_tokens=False)["input_ids"] + cue
-    return [(q["id"], q["ids"], None) for q in jobs], first
+    return [(q["id"], q["ids"], None, q["prefix"]) for q in jobs], first
 
 
 def engine_summary(stats, wall):
@@ -335,7 +337,8 @@ def engine_summary(stats, wall):
     if stats.get("decode_seconds") is not None and wall:
         out.update(prefill_share=stats["prefill_seconds"] / wall, decode_share=stats["decode_seconds"] / wall,
                    decode_steps=stats["decode_steps"], mean_busy_slots=stats.get("mean_busy_slots"),
-                   decode_attention=stats.get("decode_attention"))
+                   decode_attention=stats.get("decode_attention"),
+                   shared_prefix_tokens=stats.get("shared_prefix_tokens"))
     return out
 
 

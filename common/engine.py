@@ -235,8 +235,9 @@ class SlotCache:
         self.mode, self.slot, self.start, self.end = "prefill", slot, start, end
 
     def at_packed(self, pieces):
-        """Several whole prompts in one sequence: pieces [(slot, start, end)] in the sequence; each writes its keys
-        to its slot from position 0 and attention reads the sequence's own keys (a prompt has no past)."""
+        """Several prompts in one sequence: pieces [(slot, start, end, past)] in the sequence; each writes its keys
+        to its slot from position `past` (0 for a whole prompt; after a copied shared prefix, its length) and
+        attention reads the sequence's own keys, or the slot's where the piece has a past (_sliced_sdpa)."""
         self.mode, self.pieces = "packed", pieces
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -247,9 +248,9 @@ class SlotCache:
             V.view(-1, d).index_copy_(0, self.flat, value_states.reshape(-1, d))
             return K[:, :, : self.kv_len], V[:, :, : self.kv_len]
         if self.mode == "packed":
-            for s, a, b in self.pieces:
-                K[s, :, : b - a] = key_states[0, :, a:b]
-                V[s, :, : b - a] = value_states[0, :, a:b]
+            for s, a, b, past in self.pieces:
+                K[s, :, past: past + b - a] = key_states[0, :, a:b]
+                V[s, :, past: past + b - a] = value_states[0, :, a:b]
             return key_states, value_states
         s = self.slot  # prefill: key_states [1, kv_heads, T, head_dim]
         K[s, :, self.start: self.end] = key_states[0]
@@ -260,6 +261,19 @@ class SlotCache:
         """Keep only these slots, in this order (one copy): the batch shrinks once the queue is empty."""
         self.k = [t[slots].contiguous() for t in self.k]
         self.v = [t[slots].contiguous() for t in self.v]
+
+
+MIN_SHARED = 16  # a shared prefix shorter than this is prefilled with the rest of the prompt: not worth a copy
+
+
+def _common_length(a, b):
+    """How many leading tokens the sequences a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 SLICED_ATTENTION = "cotprune_sliced_sdpa"
@@ -275,17 +289,24 @@ def exact_attention(dtype):
     return forced == "1" if forced else dtype == torch.float32
 
 
-def _sliced_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None, cotprune_rows=None, **kwargs):
+def _sliced_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None, cotprune_rows=None,
+                 cotprune_cache=None, **kwargs):
     """transformers' sdpa attention on slices, each through the same call, on the same shapes, as alone:
-    - packed prefill, `cotprune_pieces` [(start, end)] of the one sequence, attention_mask one causal mask per
-      piece: each prompt attends to its own keys as when it is prefilled alone, so packing changes no bit;
+    - packed prefill, `cotprune_pieces` [(start, end, slot, past)] of the one sequence, attention_mask one causal
+      mask per piece: each prompt attends to its own keys (with a past: to its slot's first past + its own
+      positions in `cotprune_cache`) as when it is prefilled alone, so packing changes no bit;
     - exact decode, `cotprune_rows` [n per slot]: each slot reads only its own n cached positions, in a call of
       its own, as model.generate does for a prompt alone (see Engine.exact_attention)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if cotprune_pieces is not None:
-        outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], mask, **kwargs)[0]
-                for (a, b), mask in zip(cotprune_pieces, attention_mask)]
+        def kv(a, b, s, past):  # the keys a piece attends to: its own, or its slot's (written by update already)
+            if not past:
+                return key[:, :, a:b], value[:, :, a:b]
+            i, n = module.layer_idx, past + b - a
+            return cotprune_cache.k[i][s: s + 1, :, :n], cotprune_cache.v[i][s: s + 1, :, :n]
+        outs = [sdpa_attention_forward(module, query[:, :, a:b], *kv(a, b, s, past), mask, **kwargs)[0]
+                for (a, b, s, past), mask in zip(cotprune_pieces, attention_mask)]
         return torch.cat(outs, dim=1), None  # [1, T, heads, head_dim], as sdpa_attention_forward returns
     if cotprune_rows is not None:
         outs = [sdpa_attention_forward(module, query[s: s + 1], key[s: s + 1, :, :n], value[s: s + 1, :, :n], None,
@@ -353,7 +374,7 @@ class Engine:
         self.cache = SlotCache(len(self.inner.layers), slots, kv_heads, capacity, head_dim, self.dtype, self.device)
         self.neg = torch.finfo(self.dtype).min  # additive mask: finite, so a fully masked idle slot gives no NaN
         self.stats = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0, "busy_slot_steps": 0,
-                      "prefilled_rows": 0, "slots": slots}
+                      "prefilled_rows": 0, "shared_prefix_tokens": 0, "slots": slots}
         # Packed prefill and exact decode need the attention to be sdpa (_sliced_sdpa wraps it); eager models
         # prefill one by one. In float32 _fill also asks for row-invariant linears.
         self.sdpa = getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
@@ -383,32 +404,37 @@ class Engine:
         return torch.zeros(1, 1, end - start, end, dtype=self.dtype, device=self.device).masked_fill_(~causal, self.neg)
 
     def prefill_packed(self, items):
-        """Prefill several whole prompts [(slot, ids)] (each at most `chunk` tokens) in one pass: one sequence
-        through the Linear layers, each prompt's attention on its own (see _sliced_sdpa). Returns the logits of
-        each prompt's last position [len(items), V]. Worth it on the CPU, where a matmul over a few dozen rows runs
-        far below the machine's rate: 64 prompts of ~70 tokens cost 64 passes through 30 layers one by one."""
+        """Prefill several prompts [(slot, ids[, past])] (each at most `chunk` tokens past `past`) in one pass: one
+        sequence through the Linear layers, each prompt's attention on its own (see _sliced_sdpa). A prompt with a
+        past has its first `past` positions in its slot already (a copied shared prefix) and computes the rest.
+        Returns the logits of each prompt's last position [len(items), V]. Worth it on the CPU, where a matmul over
+        a few dozen rows runs far below the machine's rate: 64 prompts of ~70 tokens cost 64 passes through 30
+        layers one by one."""
         import torch
+        items = [(slot, ids, *more, 0)[:3] for slot, ids, *more in items]
         ends, pieces, a = [], [], 0
-        for slot, ids in items:
-            pieces.append((slot, a, a + len(ids)))
-            a += len(ids)
+        for slot, ids, past in items:
+            pieces.append((slot, a, a + len(ids) - past, past))
+            a += len(ids) - past
             ends.append(a - 1)
-        x = torch.tensor([[t for _, ids in items for t in ids]], device=self.device)
-        pos = torch.cat([torch.arange(len(ids), device=self.device) for _, ids in items])[None]
-        masks = [self._causal(0, len(ids)) for _, ids in items]
+        x = torch.tensor([[t for _, ids, past in items for t in ids[past:]]], device=self.device)
+        pos = torch.cat([torch.arange(past, len(ids), device=self.device) for _, ids, past in items])[None]
+        masks = [self._causal(past, len(ids)) for _, ids, past in items]
         self.cache.at_packed(pieces)
         with _attention(self.model, SLICED_ATTENTION):
-            h = self._blocks(self.inner.embed_tokens(x), pos, masks, cotprune_pieces=[(a, b) for _, a, b in pieces])
+            h = self._blocks(self.inner.embed_tokens(x), pos, masks, cotprune_cache=self.cache,
+                             cotprune_pieces=[(a, b, s, past) for s, a, b, past in pieces])
         return self.model.lm_head(h[0, ends]).float()
 
-    def prefill(self, slot, ids, keep=1):
-        """Write a prompt's keys into `slot` (chunk by chunk) and return the logits of its last `keep` positions."""
+    def prefill(self, slot, ids, keep=1, start=0):
+        """Write a prompt's keys into `slot` (chunk by chunk) and return the logits of its last `keep` positions.
+        With `start`, positions before it are already in the slot (a shared prefix) and only the rest is computed."""
         import torch
         T = len(ids)
         if T + 1 > self.cache.capacity:
             raise ValueError(f"a prompt of {T} tokens does not fit a cache of {self.cache.capacity} positions")
         out = []
-        for a in range(0, T, self.chunk):
+        for a in range(start, T, self.chunk):
             b = min(T, a + self.chunk)
             x = torch.tensor([ids[a:b]], device=self.device)
             pos = torch.arange(a, b, device=self.device)[None]
@@ -435,9 +461,21 @@ class Engine:
         return self.model.lm_head(h[:, 0]).float()
 
     def generate(self, requests, max_new_tokens, eos_ids, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0):
-        """requests: [(key, prompt ids, torch.Generator or None)], served in order. Yields (key, ids, reason,
-        seconds) with reason 'eos', 'length' or 'stop' (stop_fn(key, ids) returned True), as rows finish."""
+        """requests: [(key, prompt ids, torch.Generator or None[, prefix ids])], served in order. Yields (key, ids,
+        reason, seconds) with reason 'eos', 'length' or 'stop' (stop_fn(key, ids) returned True), as rows finish.
+
+        A request with a prefix (token ids that prompts of several requests begin with, e.g. one problem's prompt
+        and chain of thought) reuses its keys: the prefix is prefilled once, alone, as a prompt of its own, and
+        each such row copies the positions its prompt shares with it and prefills only the rest. A row's keys
+        then depend on its own prefix and prompt only, never on the queue or the batch, so float32's
+        independence of batch-mates holds; they are not bit for bit those of prefilling the prompt whole."""
         import torch
+        self.prefixes, self.prefix_uses = {}, {}  # a prefix's keys; how many of its rows are still queued
+        for r in requests:
+            if len(r) > 3 and r[3] is not None:
+                self.prefix_uses[tuple(r[3])] = self.prefix_uses.get(tuple(r[3]), 0) + 1
+        shared_by = {p for p, n in self.prefix_uses.items() if n > 1}  # a prefix of one row alone saves nothing
+        requests = [r if len(r) < 4 or r[3] is None or tuple(r[3]) in shared_by else r[:3] for r in requests]
         queue = list(reversed(requests))
         rows = [None] * self.slots  # per slot: [key, ids, generator, position of its next token, start time]
         eos = set(eos_ids)
@@ -479,31 +517,63 @@ class Engine:
 
         In float32 prompts are packed only on row-invariant linears (fast_linears' probe), where packing changes
         no bit; on others (MKL's float32 sgemm is not row-invariant) a prompt's logits would depend on the prompts
-        prefilled with it, breaking float32's independence of batch-mates. bfloat16 promises no such thing."""
+        prefilled with it, breaking float32's independence of batch-mates. bfloat16 promises no such thing.
+        A row with a shared prefix (generate) copies the prefix's keys into its slot and prefills the rest, packed
+        with the other rows' rests in the same way."""
         import torch
-        taken = []
+        taken, shared = [], []
         for s in [s for s, r in enumerate(rows) if r is None][: len(queue)]:
-            key, ids, gen = queue.pop()
+            key, ids, gen, *more = queue.pop()
             rows[s] = [key, [], gen, len(ids), time.perf_counter()]
-            taken.append((s, ids))
+            prefix = tuple(more[0]) if more and more[0] is not None else None
+            if prefix is not None:
+                self.prefix_uses[prefix] -= 1
+            if prefix is not None and _common_length(ids, prefix) >= MIN_SHARED:
+                shared.append((s, ids, prefix))
+            else:
+                taken.append((s, ids))
+        # A prefix seen for the first time is prefilled as a prompt of its own, into the slot of its first row and
+        # packed with the other prompts; only its keys are kept (for its rows), not its logits.
+        first = {}
+        for s, _, prefix in shared:
+            if prefix not in self.prefixes:
+                first.setdefault(prefix, s)
         t0, out, pack = time.perf_counter(), [], []
 
         def flush():
             if pack:
-                out.extend((s, lg[None]) for (s, _), lg in zip(pack, self.prefill_packed(pack)))
+                out.extend((s, lg[None]) for (s, *_), lg in zip(pack, self.prefill_packed(pack)))
                 pack.clear()
         pack_ok = self.pack_prompts and (self.dtype != torch.float32
                                          or getattr(self.model, "cotprune_row_invariant_linears", False))
-        for s, ids in taken:
-            if not (pack_ok and len(ids) <= self.chunk):
-                out.append((s, self.prefill(s, ids)))
-                continue
-            if sum(len(p) for _, p in pack) + len(ids) > self.chunk:
-                flush()
-            pack.append((s, ids))
-        flush()
+
+        def prefill_all(items):  # [(slot, ids, past)]: packed where it may, else alone
+            for s, ids, past in items:
+                if not (pack_ok and len(ids) - past <= self.chunk):
+                    out.append((s, self.prefill(s, ids, start=past)))
+                    continue
+                if sum(len(p) - q for _, p, q in pack) + len(ids) - past > self.chunk:
+                    flush()
+                pack.append((s, ids, past))
+            flush()
+        prefill_all([(s, list(prefix), 0) for prefix, s in first.items()] + [(s, ids, 0) for s, ids in taken])
+        out = [(s, lg) for s, lg in out if s not in first.values()]  # a prefix's logits are not a row's
+        for prefix, s in first.items():
+            n = len(prefix)
+            self.prefixes[prefix] = ([k[s, :, :n].clone() for k in self.cache.k],
+                                     [v[s, :, :n].clone() for v in self.cache.v])
+        suffixes = []
+        for s, ids, prefix in shared:
+            n = min(_common_length(ids, prefix), len(ids) - 1)  # at least one position computed, for its logits
+            for K, V, k, v in zip(self.cache.k, self.cache.v, *self.prefixes[prefix]):
+                K[s, :, :n], V[s, :, :n] = k[:, :n], v[:, :n]
+            suffixes.append((s, ids, n))
+            self.stats["shared_prefix_tokens"] += n
+        prefill_all(suffixes)
+        for prefix in [p for p in self.prefixes if not self.prefix_uses[p]]:  # its last row is in: keys not needed
+            del self.prefixes[prefix]
         self.stats["prefill_seconds"] += time.perf_counter() - t0
-        self.stats["prefilled_rows"] += len(taken)  # each makes its first token from its prefill's logits
+        self.stats["prefilled_rows"] += len(taken) + len(shared)  # each makes its first token from its prefill
         return out
 
     def _advance(self, row, logits, eos, max_new, stop_fn, temperature, top_k, top_p):
@@ -547,7 +617,8 @@ def default_slots(model, capacity, device):
 
 def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0,
         stats=None):
-    """Generate for [(key, prompt ids, generator or None)] and yield (key, ids, reason, seconds) as rows finish:
+    """Generate for [(key, prompt ids, generator or None[, shared prefix ids])] (Engine.generate) and yield (key, ids,
+    reason, seconds) as rows finish:
     through Engine where it can drive the model, else in static batches of `slots` through decode() (sampled rows
     then share one generator per batch). `stats` (a dict) receives the engine's counters and which path ran."""
     stats = {} if stats is None else stats
@@ -555,7 +626,8 @@ def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, t
     if not requests:
         return
     if ok:
-        capacity = max(len(ids) for _, ids, _ in requests) + max_new_tokens + 1
+        capacity = max(max(len(r[1]), len(r[3]) if len(r) > 3 and r[3] is not None else 0)
+                       for r in requests) + max_new_tokens + 1
         eng = Engine(model, max(1, min(slots, len(requests))), capacity)
         stats.update(engine="continuous", engine_reason="")
         try:
@@ -569,9 +641,9 @@ def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, t
         batch = requests[i: i + slots]
         t0 = time.perf_counter()
         gen = batch[0][2]
-        results = decode(model, [ids for _, ids, _ in batch], max_new_tokens, eos_ids, pad_id,
+        results = decode(model, [r[1] for r in batch], max_new_tokens, eos_ids, pad_id,
                          None if stop_fn is None else (lambda r, ids, b=batch: stop_fn(b[r][0], ids)),
                          temperature, top_k, top_p, gen)
         seconds = (time.perf_counter() - t0) / len(batch)
-        for (key, _, _), (ids, reason) in zip(batch, results):
+        for (key, *_), (ids, reason) in zip(batch, results):
             yield key, ids, reason, seconds

@@ -104,12 +104,13 @@ def plan(tokenizer, rec, points=0):
     the CoT after). Pieces are tokenized apart (prompt, CoT, cue), as generation saw the prompt and then its own
     tokens: 'early' k = each of early_points (k = 0 is the no-CoT answer), 'filler' (FILLER tokens as many as the
     whole CoT's), 'mistake' (corrupt; absent when the CoT states no arithmetic result). The CoT is the output up to
-    the end of its last step (step_ends)."""
+    the end of its last step (step_ends). Every job also carries `prefix`, the prompt and the whole CoT, which the
+    prompts of the problem's jobs begin with (as far as they go), so that the engine prefills it once for all."""
     enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
     prompt, cue = tokenizer(rec["prompt"])["input_ids"], enc(ANSWER_CUE)
     ends = step_ends(rec["output"], rec.get("stop") == "length")
     cot = rec["output"][:ends[-1]] if ends else ""
-    n, base = len(ends), {"problem": rec["id"], "steps": len(ends)}
+    n, base = len(ends), {"problem": rec["id"], "steps": len(ends), "prefix": prompt + enc(cot)}
     out = [{**base, "id": f"{rec['id']}/early{k}", "intervention": "early", "k": k,
             "ids": prompt + enc(cot[:ends[k - 1]] if k else "") + cue} for k in early_points(n, points)]
     cot_tokens = len(enc(cot.rstrip()))

@@ -145,6 +145,74 @@ def test_packed_prefill_equals_prompts_prefilled_alone(arch, request):
             assert torch.equal(k_packed[s, :, : len(p)], k_alone[s, :, : len(p)])
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
+def test_rows_that_share_a_prefix_prefill_it_once_and_ignore_their_batch(tiny_llama, packed):
+    """Rows given a shared prefix (as one problem's interventions are) copy the positions their prompts share with
+    it and prefill only the rest (alone, or packed on the row-invariant linears): the tokens of prefilling each
+    prompt whole, the copied count as computed by hand, and, in float32, the same tokens whatever the slots and
+    the order of the queue."""
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    with (fast_linears(model) if packed else contextlib.nullcontext(False)) as used:
+        if packed and not used:
+            pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
+        check_shared_prefix(tok, model)
+
+
+def check_shared_prefix(tok, model):
+    from common.engine import MIN_SHARED
+    base = [t for p in prompts_of(tok, 6) for t in p][:40]
+    assert len(base) == 40 > MIN_SHARED
+    x, y = [t for t in range(3, 200) if t not in base][:2]  # tokens the prefix lacks: prompts part from it there
+    rows = {"part": base[:20] + [x, y], "most": base[:33] + [y], "all": base + [x, y], "same": base,
+            "short": base[:5] + [y],  # shares 5 < MIN_SHARED tokens: prefilled whole
+            "other": prompts_of(tok, 3)[2]}  # no prefix at all
+    common = {"part": 20, "most": 33, "all": 40, "same": 39}  # "same" computes its last position, for its logits
+    assert all(rows[k][common[k]] != base[common[k]] for k in ("part", "most"))
+
+    def gen(slots, order, share=True):
+        stats = {}
+        reqs = [(k, rows[k], None) + ((base,) if share and k != "other" else ()) for k in order]
+        got = {k: ids for k, ids, _, _ in run(model, reqs, 8, set(), tok.pad_token_id, slots, stats=stats)}
+        return got, stats
+    whole, st0 = gen(6, list(rows), share=False)
+    shared, st = gen(6, list(rows))
+    assert st0["shared_prefix_tokens"] == 0 and st["shared_prefix_tokens"] == sum(common.values())
+    assert shared == whole
+    for slots, order in ((1, list(rows)), (2, list(reversed(rows))), (4, ["short", "all", "other", "same", "part",
+                                                                          "most"])):
+        again, _ = gen(slots, order)
+        assert again == shared, (slots, order)  # the same bits: each row's keys depend on its prefix and prompt only
+
+
+def test_packed_rests_after_a_past_equal_each_prefilled_alone(tiny_llama):
+    """Prompts whose first positions are already in their slots, prefilled packed from there, give the keys and
+    logits of prefilling each alone from there, bit for bit (float32, packed linears)."""
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    base = [t for p in prompts_of(tok, 6) for t in p][:30]
+    prompts = [base[:12] + p for p in prompts_of(tok, 4)]
+    with fast_linears(model) as used, torch.inference_mode():
+        if not used:
+            pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
+        alone, packed = Engine(model, 4, 64), Engine(model, 4, 64)
+        for eng in (alone, packed):
+            for s in range(4):
+                eng.prefill(s, base[:12])
+        want = torch.cat([alone.prefill(s, p, start=12) for s, p in enumerate(prompts)])
+        got = packed.prefill_packed([(s, p, 12) for s, p in enumerate(prompts)])
+    assert torch.equal(got, want)
+    for k_alone, k_packed in zip(alone.cache.k + alone.cache.v, packed.cache.k + packed.cache.v):
+        assert all(torch.equal(k_packed[s, :, : len(p)], k_alone[s, :, : len(p)]) for s, p in enumerate(prompts))
+
+
+def test_a_prefix_only_one_row_has_is_not_prefilled_apart(tiny_llama, monkeypatch):
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    base = [t for p in prompts_of(tok, 6) for t in p][:40]
+    stats = {}
+    list(run(model, [("a", base[:30], None, base), ("b", prompts_of(tok, 2)[1], None, None)], 3, set(),
+             tok.pad_token_id, 2, stats=stats))
+    assert stats["shared_prefix_tokens"] == 0 and stats["prefilled_rows"] == 2
+
+
 def test_float32_prompts_are_not_packed_on_linears_that_are_not_row_invariant(tiny_llama, monkeypatch):
     """Without the packed (row-invariant) linears a float32 engine prefills each prompt alone."""
     tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
