@@ -40,10 +40,17 @@ def test_float32_greedy_equals_model_generate_at_batch_1(arch, packed, request):
     default linears and with the packed ones generate.py uses (both sides under the same linears)."""
     path = request.getfixturevalue(arch)
     tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
+    with linears(model, packed):
+        check_engine_against_generate(tok, model)
+
+
+@contextlib.contextmanager
+def linears(model, packed):
+    """The default linears, or (packed) generate.py's packed ones; skips where the packed ones cannot run."""
     with (fast_linears(model) if packed else contextlib.nullcontext(False)) as used:
         if packed and not used:
             pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
-        check_engine_against_generate(tok, model)
+        yield
 
 
 def test_eager_attention_gets_the_additive_mask_and_the_same_tokens(tiny_llama, monkeypatch):
@@ -152,9 +159,7 @@ def test_rows_that_share_a_prefix_prefill_it_once_and_ignore_their_batch(tiny_ll
     prompt whole, the copied count as computed by hand, and, in float32, the same tokens whatever the slots and
     the order of the queue."""
     tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
-    with (fast_linears(model) if packed else contextlib.nullcontext(False)) as used:
-        if packed and not used:
-            pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
+    with linears(model, packed):
         check_shared_prefix(tok, model)
 
 
