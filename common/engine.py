@@ -357,9 +357,11 @@ class Engine:
     batch with it except through floating-point rounding (none in float32 on batch-invariant linears with exact
     decode attention, checked against model.generate at batch 1 in the tests). Prompts that arrive together are
     prefilled packed, up to `chunk` tokens a pass (prefill_packed); a longer prompt alone, in chunks of `chunk`.
+    Rows given a shared prefix copy its keys, prefilled once, and compute only the rest (generate).
 
     generate() yields (key, new token ids, reason, seconds from its prefill to its last token) as rows finish;
-    `stats` then holds prefill and decode seconds, decode steps and the mean number of busy slots."""
+    `stats` then holds prefill and decode seconds, decode steps, the mean number of busy slots and the prompt
+    tokens copied from shared prefixes."""
 
     def __init__(self, model, slots, capacity, chunk=512):
         import torch
