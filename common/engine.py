@@ -406,14 +406,13 @@ class Engine:
         return torch.zeros(1, 1, end - start, end, dtype=self.dtype, device=self.device).masked_fill_(~causal, self.neg)
 
     def prefill_packed(self, items):
-        """Prefill several prompts [(slot, ids[, past])] (each at most `chunk` tokens past `past`) in one pass: one
+        """Prefill several prompts [(slot, ids, past)] (each at most `chunk` tokens past `past`) in one pass: one
         sequence through the Linear layers, each prompt's attention on its own (see _sliced_sdpa). A prompt with a
         past has its first `past` positions in its slot already (a copied shared prefix) and computes the rest.
         Returns the logits of each prompt's last position [len(items), V]. Worth it on the CPU, where a matmul over
         a few dozen rows runs far below the machine's rate: 64 prompts of ~70 tokens cost 64 passes through 30
         layers one by one."""
         import torch
-        items = [(slot, ids, *more, 0)[:3] for slot, ids, *more in items]
         ends, pieces, a = [], [], 0
         for slot, ids, past in items:
             pieces.append((slot, a, a + len(ids) - past, past))
@@ -472,12 +471,12 @@ class Engine:
         then depend on its own prefix and prompt only, never on the queue or the batch, so float32's
         independence of batch-mates holds; they are not bit for bit those of prefilling the prompt whole."""
         import torch
+        # each request as (key, ids, generator, prefix as a tuple or None); a prefix of one row alone saves nothing
+        requests = [(r[0], r[1], r[2], tuple(r[3]) if len(r) > 3 and r[3] is not None else None) for r in requests]
         self.prefixes, self.prefix_uses = {}, {}  # a prefix's keys; how many of its rows are still queued
         for r in requests:
-            if len(r) > 3 and r[3] is not None:
-                self.prefix_uses[tuple(r[3])] = self.prefix_uses.get(tuple(r[3]), 0) + 1
-        shared_by = {p for p, n in self.prefix_uses.items() if n > 1}  # a prefix of one row alone saves nothing
-        requests = [r if len(r) < 4 or r[3] is None or tuple(r[3]) in shared_by else r[:3] for r in requests]
+            self.prefix_uses[r[3]] = self.prefix_uses.get(r[3], 0) + 1
+        requests = [r if self.prefix_uses[r[3]] > 1 else r[:3] + (None,) for r in requests]
         queue = list(reversed(requests))
         rows = [None] * self.slots  # per slot: [key, ids, generator, position of its next token, start time]
         eos = set(eos_ids)
@@ -525,19 +524,19 @@ class Engine:
         import torch
         taken, shared = [], []
         for s in [s for s, r in enumerate(rows) if r is None][: len(queue)]:
-            key, ids, gen, *more = queue.pop()
+            key, ids, gen, prefix = queue.pop()
             rows[s] = [key, [], gen, len(ids), time.perf_counter()]
-            prefix = tuple(more[0]) if more and more[0] is not None else None
             if prefix is not None:
                 self.prefix_uses[prefix] -= 1
-            if prefix is not None and _common_length(ids, prefix) >= MIN_SHARED:
-                shared.append((s, ids, prefix))
+            n = 0 if prefix is None else min(_common_length(ids, prefix), len(ids) - 1)  # >= 1 position computed
+            if n >= MIN_SHARED:
+                shared.append((s, ids, prefix, n))
             else:
                 taken.append((s, ids))
         # A prefix seen for the first time is prefilled as a prompt of its own, into the slot of its first row and
         # packed with the other prompts; only its keys are kept (for its rows), not its logits.
         first = {}
-        for s, _, prefix in shared:
+        for s, _, prefix, _ in shared:
             if prefix not in self.prefixes:
                 first.setdefault(prefix, s)
         t0, out, pack = time.perf_counter(), [], []
@@ -565,8 +564,7 @@ class Engine:
             self.prefixes[prefix] = ([k[s, :, :n].clone() for k in self.cache.k],
                                      [v[s, :, :n].clone() for v in self.cache.v])
         suffixes = []
-        for s, ids, prefix in shared:
-            n = min(_common_length(ids, prefix), len(ids) - 1)  # at least one position computed, for its logits
+        for s, ids, prefix, n in shared:
             for K, V, k, v in zip(self.cache.k, self.cache.v, *self.prefixes[prefix]):
                 K[s, :, :n], V[s, :, :n] = k[:, :n], v[:, :n]
             suffixes.append((s, ids, n))

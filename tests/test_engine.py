@@ -144,7 +144,7 @@ def test_packed_prefill_equals_prompts_prefilled_alone(arch, request):
             pytest.skip("oneDNN's packed float32 linear is not usable on this CPU")
         alone, packed = Engine(model, 5, 64), Engine(model, 5, 64)
         want = torch.cat([alone.prefill(s, p) for s, p in enumerate(prompts)])
-        got = packed.prefill_packed(list(enumerate(prompts)))
+        got = packed.prefill_packed([(s, p, 0) for s, p in enumerate(prompts)])
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(got, want)
     for k_alone, k_packed in zip(alone.cache.k + alone.cache.v, packed.cache.k + packed.cache.v):
@@ -263,7 +263,7 @@ def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, r
             want.append(torch.stack([lg[0] for lg in out.logits]).float())
         eng = Engine(model, len(prompts), max(map(len, prompts)) + steps + 1)
         assert eng.exact_attention
-        got = [[lg] for lg in eng.prefill_packed(list(enumerate(prompts)))]
+        got = [[lg] for lg in eng.prefill_packed([(s, p, 0) for s, p in enumerate(prompts)])]
         pos = torch.tensor([len(p) for p in prompts])
         for _ in range(steps - 1):
             tokens = torch.stack([g[-1].argmax() for g in got])
