@@ -12,7 +12,7 @@ Input records need `id` and `question`; every other field (the gold `answer`, a 
 HumanEval stub) in the chat template, for score.py to run against the task's tests. Each output
 record adds: style, model, prompt, output, prompt_tokens, new_tokens (the EOS included), stop ('eos', 'length',
 or 'stop' for a stop string or, with --stop-boxed, a closed \\boxed{}), seconds (from the row's prefill to its
-last token). --batch-size rows decode together, each in its own slot of a static KV cache; when one ends the next
+last token). --batch-size rows decode together, each in its own slot of a KV cache; when one ends the next
 prompt is prefilled into its slot at once (common/engine.py; models it cannot drive run in static batches). An
 interrupted run keeps what it finished in OUT.part, record by record; the same command again continues there. A
 summary (wall and CPU time, tokens/s, prefill and decode shares, busy slots, peak memory, non-zero parameters)

@@ -13,7 +13,9 @@ linears where its probe allows them). The sides alternate (baseline, ours, basel
 best time of each counts, so a busy core hurts both alike. `--same-linears` adds model.generate on the engine's
 packed linears (the same kernels, so identical outputs are expected by construction in float32); `--prefill-alone`
 adds the engine with every prompt prefilled on its own; `--other-attention` the engine with the decode attention
-generate.py does not choose (batched in float32, slot by slot in bfloat16: what exactness costs).
+generate.py does not choose (batched in float32, slot by slot in bfloat16: what exactness costs); `--sdpa-decode`
+the engine with torch's sdpa as its batched decode attention where generate.py runs the batched matmuls (bfloat16
+on the CPU: what they buy).
 
 The bound: one decode step at batch B cannot beat the time of the model's own Linear layers (lm_head included) on a
 [B, in] input, measured here in the same dtype and with the same packing after every side (the best counts), so
@@ -22,6 +24,7 @@ whose tokens equal each other side's (in float32 all should; bfloat16 is not bat
 docs/methods.md#determinism). A script that prints numbers, not a test.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -56,20 +59,25 @@ def baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):
     return outs
 
 
-def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_prompts=True, exact=None):
+def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_prompts=True, exact=None, bmm=None):
     """Engine, as generate.py drives it: returns each row's new ids (pack_prompts False: every prompt prefilled
-    alone, as before packed prefill; exact False / True: decode attention batched / slot by slot, None: as
-    generate.py chooses)."""
+    alone, as before packed prefill; exact False / True: decode attention batched / slot by slot, bmm False: batched
+    through sdpa, not the batched matmuls; None: as generate.py chooses)."""
     stop = stop_checker(tok, stops)
     eng = Engine(model, batch_size, max(map(len, prompts)) + max_new + 1)
     eng.pack_prompts = eng.pack_prompts and pack_prompts
     if exact is not None:
         eng.exact_attention = exact and eng.sdpa
+        eng.bmm_attention = eng.bmm_attention and not eng.exact_attention
+    if bmm is not None:
+        eng.bmm_attention = bmm and not eng.exact_attention
     outs = [None] * len(prompts)
     with fast_linears(model) as packed:  # packing the weights is part of the timed work
         for k, ids, _, _ in eng.generate([(k, p, None) for k, p in enumerate(prompts)], max_new, eos, stop):
             outs[k] = ids
-    stats.update(eng.stats, packed=packed, exact=eng.exact_attention,
+    stats.update(eng.stats, packed=packed, exact=eng.exact_attention, resizes=eng.cache.resizes,
+                 attention="slot by slot" if eng.exact_attention else "batched (bmm)" if eng.bmm_attention
+                 else "batched",
                  mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
     return outs
 
@@ -96,33 +104,38 @@ def same_output(a, b, stops, tok):
     return a == b or (bool(stops) and b[: len(a)] == a)
 
 
-def profile_step(model, prompts, batch_size, steps=20):
-    """torch.profiler over `steps` decode steps of a full batch (every slot prefilled first): time by operator."""
+def profile_step(model, prompts, batch_size, steps=20, bmm=None):
+    """torch.profiler over `steps` decode steps of a full batch (every slot prefilled first): time by operator
+    (bmm False: the batched decode attention through sdpa, not the batched matmuls)."""
     from torch.profiler import ProfilerActivity, profile
     prompts = prompts[:batch_size]
     eng = Engine(model, batch_size, max(map(len, prompts)) + steps + 1)
+    if bmm is not None:
+        eng.bmm_attention = bmm and not eng.exact_attention
     with fast_linears(model), torch.inference_mode():
         for s, ids in enumerate(prompts):
             eng.prefill(s, ids)
         pos = torch.tensor([len(p) for p in prompts])
         tok = torch.zeros(batch_size, dtype=torch.long)
+        eng.cache.reserve(eng.cache.capacity)  # every position the steps need: no resize inside the window
         eng._step(tok, pos, int(pos.max()) + 1)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, named_decode_bmm():
             t0 = time.perf_counter()
             for k in range(1, steps + 1):
                 tok = eng._step(tok, pos + k, int(pos.max()) + k + 1).argmax(-1)
             wall = time.perf_counter() - t0
     # Outermost ops only (aten::linear contains the aten::mm it calls): each time counted once.
     groups = {"matmuls (Linear layers)": ("aten::linear", "mkldnn::_linear_pointwise"),
-              "attention (sdpa)": ("aten::scaled_dot_product_attention",),
+              "attention (sdpa or bmm)": ("aten::scaled_dot_product_attention", "cotprune_decode_bmm"),
               "cache writes": ("aten::index_copy_", "aten::index_put_"), "argmax": ("aten::argmax",)}
     totals = {g: 0.0 for g in groups}
     for ev in prof.key_averages():
         for g, keys in groups.items():
             if ev.key in keys:
                 totals[g] += ev.cpu_time_total / 1e6  # inclusive: the op with what it calls
+    attention = "slot by slot" if eng.exact_attention else "batched (bmm)" if eng.bmm_attention else "batched"
     print(f"profile: {batch_size} slots, {steps} decode steps in {wall:.2f} s ({steps * batch_size / wall:.0f} "
-          f"tokens/s)")
+          f"tokens/s), decode attention {attention}")
     for g, t in totals.items():
         print(f"  {g:28s} {t:6.2f} s  {t / wall:4.0%}")
     rest = wall - sum(totals.values())
@@ -145,7 +158,11 @@ def main():
     p.add_argument("--other-attention", action="store_true",
                    help="also run the engine with the other decode attention (batched where generate.py would run "
                         "it slot by slot, and the reverse)")
-    p.add_argument("--profile", action="store_true", help="only profile one decode step (chat, largest batch)")
+    p.add_argument("--sdpa-decode", action="store_true",
+                   help="also run the engine with sdpa as its batched decode attention where generate.py runs the "
+                        "batched matmuls (what they buy)")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile one decode step (chat, largest batch; with --sdpa-decode, both attentions)")
     args = p.parse_args()
     device = torch.device("cpu")
     tok = load_tokenizer(args.model)
@@ -160,6 +177,8 @@ def main():
         if args.profile:
             prompts = [build_prompt(tok, "chat", q["question"])[1] for q in questions]
             profile_step(model, prompts, max(batch_sizes))
+            if args.sdpa_decode:
+                profile_step(model, prompts, max(batch_sizes), bmm=False)
             continue
         for style in args.styles.split(","):
             prompts = [build_prompt(tok, style, q["question"])[1] for q in questions]
@@ -169,7 +188,7 @@ def main():
                 probe = {c: time_it(lambda c=c: baseline(model, tok, case[:B], B, 16, eos, pad, stops, c))
                          for c in ("dynamic", "static")}
                 cache = min(probe, key=probe.get)
-                best, outs, stats, alone_stats, other_stats = {}, {}, {}, {}, {}
+                best, outs, stats, alone_stats, other_stats, sdpa_stats = {}, {}, {}, {}, {}, {}
                 sides = [("model.generate", lambda: baseline(model, tok, case, B, max_new, eos, pad, stops, cache)),
                          ("engine", lambda: ours(model, tok, case, B, max_new, eos, stops, stats))]
                 if args.prefill_alone:  # the engine with every prompt prefilled on its own: what packing saves
@@ -178,6 +197,9 @@ def main():
                 if args.other_attention:  # the engine with the decode attention generate.py does not choose
                     sides.append(("engine, other attention", lambda: ours(
                         model, tok, case, B, max_new, eos, stops, other_stats, exact=not stats["exact"])))
+                if args.sdpa_decode:  # the engine's batched decode attention through sdpa, not the matmuls
+                    sides.append(("engine, sdpa decode", lambda: ours(model, tok, case, B, max_new, eos, stops,
+                                                                       sdpa_stats, bmm=False)))
                 if args.same_linears:  # model.generate on the packed linears: the same kernels, so the same bits
                     sides.append(("packed model.generate", lambda: packed_baseline(model, tok, case, B, max_new, eos,
                                                                                     pad, stops, cache)))
@@ -199,7 +221,8 @@ def main():
                       f"{bound:6.1f} tok/s ({gflops:.0f} GFLOP/s), engine at {rate['engine'] / bound:.0%} of it; "
                       f"busy slots {stats['mean_busy_slots']:.1f}, prefill "
                       f"{stats['prefill_seconds'] / best['engine']:.0%} of its time; packed linears "
-                      f"{stats.get('packed')}; decode attention {'slot by slot' if stats['exact'] else 'batched'}; "
+                      f"{stats.get('packed')}; decode attention {stats['attention']} ({stats['resizes']} cache "
+                      f"resizes); "
                       f"identical outputs to "
                       + ", ".join(f"{k} {v}/{len(case)}" for k, v in same.items())
                       + (f"; packed model.generate {rate['packed model.generate']:.1f} tok/s"
@@ -207,8 +230,26 @@ def main():
                       + (f"; engine with each prompt prefilled alone {rate['engine, prefill alone']:.1f} tok/s, "
                          f"prefill {alone_stats['prefill_seconds']:.1f} s against {stats['prefill_seconds']:.1f} s"
                          if alone_stats else "")
-                      + (f"; engine with decode attention {'slot by slot' if other_stats['exact'] else 'batched'} "
-                         f"{rate['engine, other attention']:.1f} tok/s" if other_stats else ""), flush=True)
+                      + (f"; engine with decode attention {other_stats['attention']} "
+                         f"{rate['engine, other attention']:.1f} tok/s" if other_stats else "")
+                      + (f"; engine with decode attention {sdpa_stats['attention']} "
+                         f"{rate['engine, sdpa decode']:.1f} tok/s" if sdpa_stats else ""), flush=True)
+
+
+@contextlib.contextmanager
+def named_decode_bmm():
+    """Within the block the engine's batched-matmul decode attention shows in the profile as one named range."""
+    import common.engine as engine
+    inner = engine._decode_bmm
+
+    def named(*args, **kwargs):
+        with torch.profiler.record_function("cotprune_decode_bmm"):
+            return inner(*args, **kwargs)
+    engine._decode_bmm = named
+    try:
+        yield
+    finally:
+        engine._decode_bmm = inner
 
 
 def packed_baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):

@@ -1,4 +1,4 @@
-"""The generation engine: continuous batching over a static per-slot KV cache, and packed CPU linears.
+"""The generation engine: continuous batching over a per-slot KV cache, and packed CPU linears.
 
 This is the code that leans on library internals (the attention modules' cache protocol, private torch.ops.mkldnn
 ops), kept in one room so that an upgrade breaks one file; each fast path checks itself and steps aside where it
@@ -208,26 +208,73 @@ def decode(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None,
 
 # --------------------------------------------------------------------------------------- continuous batching
 
-class SlotCache:
-    """A static KV cache with one row per slot, written in place by the model's own attention modules through the
-    cache protocol they call (`update(key, value, layer_idx)`): K, V [slots, kv_heads, capacity, head_dim] per layer,
-    allocated once. Before each forward the engine says where the new keys go (`at_decode`, `at_prefill`)."""
+BUCKET = 64  # SlotCache grows and shrinks in steps of this many positions
 
-    def __init__(self, layers, slots, kv_heads, capacity, head_dim, dtype, device):
+
+class SlotCache:
+    """A KV cache with one row per slot, written in place by the model's own attention modules through the cache
+    protocol they call (`update(key, value, layer_idx)`): K, V [slots, kv_heads, length, head_dim] per layer.
+    Before each forward the engine says where the new keys go (`at_decode`, `at_prefill`, `at_packed`).
+
+    `length` follows the longest row in steps of `bucket` positions (reserve), up to `capacity`, so that each
+    layer's K and V are one contiguous block that decode attention reads whole as two plain batched matmuls
+    (_decode_bmm; torch's CPU bfloat16 matmul takes a far slower path on a strided slice of a longer buffer). The
+    memory is allocated once, at capacity (one flat buffer per layer and tensor; K and V are views of its start);
+    a resize lays the kept positions out again through one scratch copy (30-75 ms for SmolLM2 at 64 slots and
+    192-576 positions, measured; fresh allocations took 0.6-1.4 s, in page faults), once per `bucket` steps at most."""
+
+    def __init__(self, layers, slots, kv_heads, capacity, head_dim, dtype, device, bucket=None):
         import torch
-        self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
-        self.capacity, self.mode = capacity, None
+        self.bufs = [torch.zeros(slots * kv_heads * capacity * head_dim, dtype=dtype, device=device)
+                     for _ in range(2 * layers)]
+        self.shape, self.capacity, self.bucket = (slots, kv_heads, head_dim), capacity, bucket or BUCKET
+        self.length, self.mode, self.resizes = 0, None, 0
+        self._views()
+
+    def _views(self):
+        n, h, d = self.shape
+        views = [b[: n * h * self.length * d].view(n, h, self.length, d) for b in self.bufs]
+        self.k, self.v = views[0::2], views[1::2]
+
+    def _relayout(self, length, slots=None):
+        """Lay every buffer out as [slots, kv_heads, length, head_dim], keeping the first min(old, new) positions of
+        each slot (of the slots in `slots`, in that order, if given). Old and new places overlap in the buffer, so
+        the kept positions go through a scratch copy; positions past them are zeroed (masked, and never garbage)."""
+        import torch
+        n, h, d = self.shape
+        keep, m = min(length, self.length), n if slots is None else len(slots)
+        scratch = self.bufs[0].new_empty(m, h, keep, d)
+        for b in self.bufs:
+            old = b[: n * h * self.length * d].view(n, h, self.length, d)[:, :, :keep]
+            if slots is None:
+                scratch.copy_(old)
+            else:
+                torch.index_select(old, 0, slots, out=scratch)
+            new = b[: m * h * length * d].view(m, h, length, d)
+            new[:, :, :keep] = scratch
+            new[:, :, keep:] = 0
+        self.shape, self.length = (m, h, d), length
+        self._views()
+
+    def reserve(self, n, shrink=False):
+        """Hold at least n positions per slot (n <= capacity), rounded up to whole buckets; with shrink, also give
+        back the buckets past n's when that cuts a quarter of the cache (every slot must then have its keys below
+        n: decode, where n is past the longest row)."""
+        want = min(self.capacity, -(-n // self.bucket) * self.bucket)
+        if want > self.length or (shrink and want <= self.length * 3 // 4):
+            self._relayout(want)
+            self.resizes += 1
 
     def at_decode(self, positions, kv_len):
-        """Every slot writes one key at its own position [slots]; attention reads the first kv_len positions."""
+        """Every slot writes one key at its own position [slots]; attention reads the first kv_len positions (all
+        `length` of them, for _decode_bmm). reserve(kv_len) first."""
         import torch
         self.mode, self.kv_len = "decode", kv_len
-        # Flat row of (slot, head, position) in a [slots * heads * capacity, head_dim] view: one index_copy_ per
+        # Flat row of (slot, head, position) in a [slots * heads * length, head_dim] view: one index_copy_ per
         # tensor, about half the time of the advanced-indexing write K[rows, :, pos] (18 against 32 us at 64 slots
         # on 2 AVX2 cores; the same values).
         slots, heads = self.k[0].shape[:2]
-        base = torch.arange(slots * heads, device=positions.device).view(slots, heads) * self.capacity
+        base = torch.arange(slots * heads, device=positions.device).view(slots, heads) * self.length
         self.flat = (base + positions[:, None]).reshape(-1)
 
     def at_prefill(self, slot, start, end):
@@ -258,9 +305,8 @@ class SlotCache:
         return K[s: s + 1, :, : self.end], V[s: s + 1, :, : self.end]
 
     def keep(self, slots):
-        """Keep only these slots, in this order (one copy): the batch shrinks once the queue is empty."""
-        self.k = [t[slots].contiguous() for t in self.k]
-        self.v = [t[slots].contiguous() for t in self.v]
+        """Keep only these slots [tensor of slot indices], in this order: the batch shrinks once the queue is empty."""
+        self._relayout(self.length, slots)
 
 
 MIN_SHARED = 16  # a shared prefix shorter than this is prefilled with the rest of the prompt: not worth a copy
@@ -315,11 +361,38 @@ def _sliced_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+BMM_ATTENTION = "cotprune_decode_bmm"
+
+
+def batched_attention(dtype, device):
+    """How decode attention runs when not slot by slot: 'bmm' (_decode_bmm) on the CPU in bfloat16, where torch's
+    sdpa kernel runs one-token queries over the slot cache 1.3-3x slower than two batched matmuls (bench/README.md);
+    'sdpa' elsewhere (float32 on the CPU: within -30..+20 %, measured; GPUs: sdpa's own kernels)."""
+    import torch
+    return "bmm" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
+
+
+def _decode_bmm(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """One-token attention for every slot as transformers' eager attention computes it (scores in the model's
+    dtype, the additive mask, softmax in float32, probabilities back in the model's dtype), batched over (slot,
+    KV head) with a group's query heads as rows, so GQA needs no repeated keys: query [slots, heads, 1, d], key and
+    value the whole contiguous cache [slots, kv_heads, length, d], attention_mask additive [slots, 1, length]."""
+    import torch
+    S, H, _, d = query.shape
+    kvh, L = key.shape[1], key.shape[2]
+    scores = torch.bmm(query.reshape(S * kvh, H // kvh, d), key.reshape(S * kvh, L, d).transpose(1, 2))
+    scores = scores.mul_(d ** -0.5 if scaling is None else scaling).view(S, H, L).add_(attention_mask)
+    p = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    out = torch.bmm(p.view(S * kvh, H // kvh, L), value.reshape(S * kvh, L, d))
+    return out.view(S, 1, H, d), None  # [slots, 1, heads, d], as the attention interface returns
+
+
 @contextlib.contextmanager
 def _attention(model, name):
     """Run the model's attention through the registered function `name` within the block (restored after)."""
     from transformers import AttentionInterface
     AttentionInterface.register(SLICED_ATTENTION, _sliced_sdpa)
+    AttentionInterface.register(BMM_ATTENTION, _decode_bmm)
     old = model.config._attn_implementation
     model.config._attn_implementation = name
     try:
@@ -353,8 +426,8 @@ def engine_supported(model):
 class Engine:
     """Continuous batching: `slots` rows decode together; when one ends (EOS, a stop, the cap) the next waiting
     prompt is prefilled into its slot at once, so the batch stays full until the queue is empty. Each slot has its
-    own rows in a static KV cache and its own position, so a row's tokens never depend on which prompts share the
-    batch with it except through floating-point rounding (none in float32 on batch-invariant linears with exact
+    own rows in the KV cache (SlotCache) and its own position, so a row's tokens never depend on which prompts share
+    the batch with it except through floating-point rounding (none in float32 on batch-invariant linears with exact
     decode attention, checked against model.generate at batch 1 in the tests). Prompts that arrive together are
     prefilled packed, up to `chunk` tokens a pass (prefill_packed); a longer prompt alone, in chunks of `chunk`.
     Rows given a shared prefix copy its keys, prefilled once, and compute only the rest (generate).
@@ -388,6 +461,8 @@ class Engine:
         # float32 row independent of them by construction, at 10-23 % of a decode step (measured); on in float32,
         # where that is promised, off in bfloat16, where nothing is. EXACT_ENV=1 / 0 forces it either way.
         self.exact_attention = exact_attention(self.dtype) and self.sdpa
+        # Otherwise one batched call: _decode_bmm where it is faster (batched_attention), else the model's own.
+        self.bmm_attention = not self.exact_attention and batched_attention(self.dtype, self.device) == "bmm"
 
     def _blocks(self, h, position_ids, mask, **extra):
         """The decoder blocks and the final norm on hidden states h [B, T, d] -> [B, T, d]."""
@@ -421,6 +496,7 @@ class Engine:
         x = torch.tensor([[t for _, ids, past in items for t in ids[past:]]], device=self.device)
         pos = torch.cat([torch.arange(past, len(ids), device=self.device) for _, ids, past in items])[None]
         masks = [self._causal(past, len(ids)) for _, ids, past in items]
+        self.cache.reserve(max(len(ids) for _, ids, _ in items))
         self.cache.at_packed(pieces)
         with _attention(self.model, SLICED_ATTENTION):
             h = self._blocks(self.inner.embed_tokens(x), pos, masks, cotprune_cache=self.cache,
@@ -434,6 +510,7 @@ class Engine:
         T = len(ids)
         if T + 1 > self.cache.capacity:
             raise ValueError(f"a prompt of {T} tokens does not fit a cache of {self.cache.capacity} positions")
+        self.cache.reserve(T)
         out = []
         for a in range(start, T, self.chunk):
             b = min(T, a + self.chunk)
@@ -448,8 +525,17 @@ class Engine:
     def _step(self, tokens, positions, kv_len):
         """One token for every slot: tokens, positions [slots] -> logits [slots, V]."""
         import torch
-        self.cache.at_decode(positions, kv_len)
+        self.cache.reserve(kv_len, shrink=True)
         x, pos = self.inner.embed_tokens(tokens[:, None]), positions[:, None]
+        if self.bmm_attention:  # over the whole cache, contiguous: positions past a slot's own are masked
+            L = self.cache.length
+            self.cache.at_decode(positions, L)
+            seen = torch.arange(L, device=self.device)[None, :] <= positions[:, None]
+            mask = torch.zeros(len(positions), 1, L, dtype=self.dtype, device=self.device)
+            with _attention(self.model, BMM_ATTENTION):
+                h = self._blocks(x, pos, mask.masked_fill_(~seen[:, None], self.neg))
+            return self.model.lm_head(h[:, 0]).float()
+        self.cache.at_decode(positions, kv_len)
         if self.exact_attention:  # each slot reads exactly its own positions: no mask at all
             with _attention(self.model, SLICED_ATTENTION):
                 h = self._blocks(x, pos, None, cotprune_rows=(positions + 1).tolist())
@@ -564,6 +650,8 @@ class Engine:
             self.prefixes[prefix] = ([k[s, :, :n].clone() for k in self.cache.k],
                                      [v[s, :, :n].clone() for v in self.cache.v])
         suffixes = []
+        if shared:
+            self.cache.reserve(max(len(ids) for _, ids, _, _ in shared))
         for s, ids, prefix, n in shared:
             for K, V, k, v in zip(self.cache.k, self.cache.v, *self.prefixes[prefix]):
                 K[s, :, :n], V[s, :, :n] = k[:, :n], v[:, :n]
@@ -634,7 +722,9 @@ def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, t
             yield from eng.generate(requests, max_new_tokens, eos_ids, stop_fn, temperature, top_k, top_p)
         finally:
             stats.update(eng.stats, mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1),
-                         decode_attention="slot by slot" if eng.exact_attention else "batched")
+                         decode_attention="slot by slot" if eng.exact_attention
+                         else "batched (bmm)" if eng.bmm_attention else "batched",
+                         cache_resizes=eng.cache.resizes)
         return
     stats.update(engine="static", engine_reason=why, prefill_seconds=None, decode_seconds=None, slots=slots)
     for i in range(0, len(requests), slots):

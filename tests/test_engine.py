@@ -4,7 +4,8 @@ import contextlib
 import pytest
 import torch
 
-from common.engine import Engine, decode, engine_supported, exact_attention, fast_linears, row_generator, run
+from common.engine import (Engine, SlotCache, decode, engine_supported, exact_attention, fast_linears, row_generator,
+                           run)
 from common.models import load_model, load_tokenizer
 
 
@@ -62,7 +63,72 @@ def test_eager_attention_gets_the_additive_mask_and_the_same_tokens(tiny_llama, 
     check_engine_against_generate(tok, model)
 
 
-def check_engine_against_generate(tok, model):
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
+def test_bmm_decode_attention_gives_model_generates_tokens_as_the_cache_grows_and_shrinks(arch, request,
+                                                                                            monkeypatch):
+    """The batched-matmul decode attention (bfloat16 on the CPU) forced in float32, where model.generate at batch 1
+    is a reference that does not round: the same tokens, on a cache that grows and shrinks in buckets of 4."""
+    path = request.getfixturevalue(arch)
+    tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr("common.engine.batched_attention", lambda dtype, device: "bmm")
+    monkeypatch.setattr("common.engine.BUCKET", 4)
+    monkeypatch.setenv("COTPRUNE_EXACT_ATTENTION", "0")
+    lengths, reserve = [], SlotCache.reserve
+
+    def watched(cache, n, shrink=False):
+        reserve(cache, n, shrink)
+        lengths.append(cache.length)
+    monkeypatch.setattr(SlotCache, "reserve", watched)
+    check_engine_against_generate(tok, model, attention="batched (bmm)")
+    steps = list(zip(lengths, lengths[1:]))
+    assert any(b > a for a, b in steps) and any(b < a for a, b in steps)  # it grew and it shrank
+
+
+def test_slot_cache_keeps_every_slots_keys_through_resizes_and_a_reordering_keep():
+    """Growing, shrinking and keep() lay the one buffer out anew each time: every slot must keep its own first
+    positions, in keep's order, the positions past them zeroed, the views contiguous."""
+    cache = SlotCache(2, 4, 2, 20, 3, torch.float32, torch.device("cpu"), bucket=4)
+    cache.reserve(6)
+    assert cache.length == 8
+    want = [torch.randn(4, 2, 6, 3) for _ in range(4)]
+    for t, w in zip(cache.k + cache.v, want):
+        t[:, :, :6] = w
+    cache.reserve(17)  # grows to 20 (capacity), the positions after 6 still unwritten
+    assert cache.length == 20 and all(torch.equal(t[:, :, :6], w) for t, w in zip(cache.k + cache.v, want))
+    assert all(not t[:, :, 6:].any() for t in cache.k + cache.v)
+    cache.reserve(5, shrink=True)  # 20 -> 8 (the positions past 8 are dropped)
+    assert cache.length == 8 and all(torch.equal(t[:, :, :6], w) for t, w in zip(cache.k + cache.v, want))
+    cache.reserve(7, shrink=True)  # 8 is within a quarter: no resize
+    assert cache.length == 8 and cache.resizes == 3
+    cache.keep(torch.tensor([2, 0]))
+    assert all(t.shape == (2, 2, 8, 3) and t.is_contiguous() for t in cache.k + cache.v)
+    assert all(torch.equal(t[:, :, :6], w[[2, 0]]) for t, w in zip(cache.k + cache.v, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_bmm_decode_attention_is_transformers_eager_attention(dtype):
+    """_decode_bmm on random queries, a GQA cache and a ragged mask against transformers' eager_attention_forward
+    (which repeats the KV heads): the same numbers up to the dtype's rounding of a different matmul shape."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    from common.engine import _decode_bmm
+    g = torch.Generator().manual_seed(0)
+    S, H, kvh, L, d = 5, 6, 2, 12, 8
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((S, H, 1, d), (S, kvh, L, d), (S, kvh, L, d)))
+    seen = torch.arange(L)[None, :] <= torch.tensor([11, 0, 3, 7, 9])[:, None]
+    mask = torch.zeros(S, 1, L, dtype=dtype).masked_fill_(~seen[:, None], torch.finfo(dtype).min)
+
+    class Module(torch.nn.Module):
+        num_key_value_groups, training = H // kvh, False
+    want, _ = eager_attention_forward(Module(), q, k, v, mask[:, :, None, :], scaling=0.3)
+    got, _ = _decode_bmm(Module(), q, k, v, mask, scaling=0.3)
+    assert got.shape == want.shape == (S, 1, H, d)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    # a slot that sees only position 0 gets exactly that position's values
+    assert torch.equal(got[1, 0].view(kvh, H // kvh, d), v[1, :, 0][:, None].expand(kvh, H // kvh, d))
+
+
+def check_engine_against_generate(tok, model, attention=None):
     prompts = prompts_of(tok, 7)
     free = greedy_no_cache(model, prompts[0], 12)
     eos = free[4]  # a token the model produces: rows that meet it end early, the others run to the cap
@@ -73,11 +139,13 @@ def check_engine_against_generate(tok, model):
                                                     {eos}, tok.pad_token_id, 3, stats=stats)}
     assert stats["engine"] == "continuous" and stats["decode_steps"] > 0
     sdpa = model.config._attn_implementation == "sdpa"
-    assert stats["decode_attention"] == ("slot by slot" if sdpa and exact_attention(model.dtype) else "batched")
+    assert stats["decode_attention"] == (attention or (
+        "slot by slot" if sdpa and exact_attention(model.dtype) else "batched"))
     for k, w in enumerate(want):
         assert got[k][0] == w, k
         assert got[k][1] == ("eos" if w[-1] == eos else "length")
     assert 1 < stats["mean_busy_slots"] <= 3
+    return stats
 
 
 def test_chunked_prefill_gives_the_same_logits(tiny_llama):
