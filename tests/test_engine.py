@@ -4,8 +4,8 @@ import contextlib
 import pytest
 import torch
 
-from common.engine import (Engine, SlotCache, decode, engine_supported, exact_attention, fast_linears, row_generator,
-                           run)
+from common.engine import (Engine, SlotCache, _exact_decode, decode, engine_supported, exact_attention, fast_linears,
+                           row_generator, run)
 from common.models import load_model, load_tokenizer
 
 
@@ -317,7 +317,10 @@ def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, r
     """Five prompts of different lengths decoded together in five slots (so every step reads the longest row's
     positions): with exact attention each slot's logits at every step equal model.generate's for that prompt alone,
     bit for bit, on the packed linears both sides use."""
+    import common.engine as engine
     monkeypatch.delenv("COTPRUNE_EXACT_ATTENTION", raising=False)
+    direct = []  # the direct sdpa calls must be what ran, not the fallback through transformers' wrapper
+    monkeypatch.setattr(engine, "_exact_decode", lambda *a: direct.append(1) or _exact_decode(*a))
     path = request.getfixturevalue(arch)
     tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
     prompts, steps = prompts_of(tok, 5), 10
@@ -339,5 +342,6 @@ def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, r
             pos += 1
             for g, lg in zip(got, logits):
                 g.append(lg)
+    assert len(direct) == (steps - 1) * model.config.num_hidden_layers
     for k, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(torch.stack(g), w), k
