@@ -239,17 +239,17 @@ def main():
 @contextlib.contextmanager
 def named_decode_bmm():
     """Within the block the engine's batched-matmul decode attention shows in the profile as one named range."""
-    import common.engine as engine
-    inner = engine._decode_bmm
+    import common.attention as attention
+    inner = attention._decode_bmm
 
     def named(*args, **kwargs):
         with torch.profiler.record_function("cotprune_decode_bmm"):
             return inner(*args, **kwargs)
-    engine._decode_bmm = named
+    attention._decode_bmm = named
     try:
         yield
     finally:
-        engine._decode_bmm = inner
+        attention._decode_bmm = inner
 
 
 def packed_baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):

@@ -8,7 +8,9 @@
     checkpoints  self-describing safetensors, safe output folders, weight fingerprints
     chat         the one chat format of evaluation, calibration and recovery
     mathtext     reading arithmetic in model-written math: LaTeX, '=' claims, stated numbers (linear time)
-    engine       the generation engine (decode, packed linears): the code that leans on library internals
+    engine       the generation engine (continuous batching, static decode, packed linears)
+    kvcache      the KV caches it writes in place (transformers' cache protocol)
+    attention    the attention functions it registers with transformers (slot by slot, batched matmuls)
     stats        intervals and paired tests (numpy only)
     reports      what the study reports share: records in, estimates with intervals, paired comparisons, markdown
     studies      the RAC and neuron study reports (correlate.py --study rac | neurons)

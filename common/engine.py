@@ -1,8 +1,8 @@
 """The generation engine: continuous batching over a per-slot KV cache, and packed CPU linears.
 
-This is the code that leans on library internals (the attention modules' cache protocol, private torch.ops.mkldnn
-ops), kept in one room so that an upgrade breaks one file; each fast path checks itself and steps aside where it
-cannot run.
+This is the code that leans on library internals (the decoder blocks' call, private torch.ops.mkldnn ops), kept in
+one room so that an upgrade breaks one file; its caches are in common/kvcache.py, its attention functions in
+common/attention.py. Each fast path checks itself and steps aside where it cannot run.
 
     Engine          continuous batching: a fixed number of slots; a finished row's slot takes the next prompt at once
     decode          static batches through the model's own forward (the fallback for architectures Engine does not
@@ -15,7 +15,8 @@ import contextlib
 import os
 import time
 
-from common.cli import CotpruneError
+from common.attention import BMM_ATTENTION, SLICED_ATTENTION, batched_attention, exact_attention, use_attention
+from common.kvcache import SlotCache, preallocated_cache
 from common.runtime import BF16_ENV
 
 
@@ -114,43 +115,6 @@ def _packed_linear_works(mod):
         return False
 
 
-def _preallocated_cache(model, extra):
-    """A DynamicCache whose full-attention layers reserve room for `extra` more positions and write in place.
-
-    The stock DynamicLayer concatenates, copying the whole cache at every step: a fifth of CPU decode time for a
-    135M model at batch 16, growing with length. Layers of other kinds (sliding windows) are left as they are.
-    """
-    import torch
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            T = key_states.shape[-2]
-            if not self.is_initialized:
-                self.dtype, self.device, self.n = key_states.dtype, key_states.device, 0
-                shape = list(key_states.shape)
-                shape[-2] += extra
-                self.k_buf, self.v_buf = key_states.new_empty(shape), value_states.new_empty(shape)
-                self.is_initialized = True
-            if self.n + T > self.k_buf.shape[-2]:  # more than reserved: grow by concatenation once
-                self.k_buf = torch.cat([self.k_buf, torch.empty_like(self.k_buf)], dim=-2)
-                self.v_buf = torch.cat([self.v_buf, torch.empty_like(self.v_buf)], dim=-2)
-            self.k_buf[:, :, self.n: self.n + T] = key_states
-            self.v_buf[:, :, self.n: self.n + T] = value_states
-            self.n += T
-            self.keys, self.values = self.k_buf[:, :, : self.n], self.v_buf[:, :, : self.n]
-            return self.keys, self.values
-
-        def batch_select_indices(self, indices):
-            self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
-            self.keys, self.values = self.k_buf[:, :, : self.n], self.v_buf[:, :, : self.n]
-
-    cache = DynamicCache(config=model.config)
-    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
 def decode(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None,
            temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """Generate for a batch of tokenised prompts; returns [(new token ids, reason)] in prompt order.
@@ -170,7 +134,7 @@ def decode(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None,
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens at 0.., as generate() does for left padding
     eos = torch.tensor(sorted(eos_ids), device=device)
-    cache = _preallocated_cache(model, max_new_tokens)
+    cache = preallocated_cache(model, max_new_tokens)
     out_ids = [[] for _ in range(B)]
     reasons = ["length"] * B
     alive = list(range(B))  # original row of each batch row still running
@@ -208,107 +172,6 @@ def decode(model, prompts, max_new_tokens, eos_ids, pad_id, stop_fn=None,
 
 # --------------------------------------------------------------------------------------- continuous batching
 
-BUCKET = 64  # SlotCache grows and shrinks in steps of this many positions
-
-
-class SlotCache:
-    """A KV cache with one row per slot, written in place by the model's own attention modules through the cache
-    protocol they call (`update(key, value, layer_idx)`): K, V [slots, kv_heads, length, head_dim] per layer.
-    Before each forward the engine says where the new keys go (`at_decode`, `at_prefill`, `at_packed`).
-
-    `length` follows the longest row in steps of `bucket` positions (reserve), up to `capacity`, so that each
-    layer's K and V are one contiguous block that decode attention reads whole as two plain batched matmuls
-    (_decode_bmm; torch's CPU bfloat16 matmul takes a far slower path on a strided slice of a longer buffer). The
-    memory is allocated once, at capacity (one flat buffer per layer and tensor; K and V are views of its start);
-    a resize lays the kept positions out again through one scratch copy (30-75 ms for SmolLM2 at 64 slots and
-    192-576 positions, measured; fresh allocations took 0.6-1.4 s, in page faults), once per `bucket` steps at most."""
-
-    def __init__(self, layers, slots, kv_heads, capacity, head_dim, dtype, device, bucket=None):
-        import torch
-        self.bufs = [torch.zeros(slots * kv_heads * capacity * head_dim, dtype=dtype, device=device)
-                     for _ in range(2 * layers)]
-        self.shape, self.capacity, self.bucket = (slots, kv_heads, head_dim), capacity, bucket or BUCKET
-        self.length, self.mode, self.resizes = 0, None, 0
-        self._views()
-
-    def _views(self):
-        n, h, d = self.shape
-        views = [b[: n * h * self.length * d].view(n, h, self.length, d) for b in self.bufs]
-        self.k, self.v = views[0::2], views[1::2]
-
-    def _relayout(self, length, slots=None):
-        """Lay every buffer out as [slots, kv_heads, length, head_dim], keeping the first min(old, new) positions of
-        each slot (of the slots in `slots`, in that order, if given). Old and new places overlap in the buffer, so
-        the kept positions go through a scratch copy; positions past them are zeroed (masked, and never garbage)."""
-        import torch
-        n, h, d = self.shape
-        keep, m = min(length, self.length), n if slots is None else len(slots)
-        scratch = self.bufs[0].new_empty(m, h, keep, d)
-        for b in self.bufs:
-            old = b[: n * h * self.length * d].view(n, h, self.length, d)[:, :, :keep]
-            if slots is None:
-                scratch.copy_(old)
-            else:
-                torch.index_select(old, 0, slots, out=scratch)
-            new = b[: m * h * length * d].view(m, h, length, d)
-            new[:, :, :keep] = scratch
-            new[:, :, keep:] = 0
-        self.shape, self.length = (m, h, d), length
-        self._views()
-
-    def reserve(self, n, shrink=False):
-        """Hold at least n positions per slot (n <= capacity), rounded up to whole buckets; with shrink, also give
-        back the buckets past n's when that cuts a quarter of the cache (every slot must then have its keys below
-        n: decode, where n is past the longest row)."""
-        want = min(self.capacity, -(-n // self.bucket) * self.bucket)
-        if want > self.length or (shrink and want <= self.length * 3 // 4):
-            self._relayout(want)
-            self.resizes += 1
-
-    def at_decode(self, positions, kv_len):
-        """Every slot writes one key at its own position [slots]; attention reads the first kv_len positions (all
-        `length` of them, for _decode_bmm). reserve(kv_len) first."""
-        import torch
-        self.mode, self.kv_len = "decode", kv_len
-        # Flat row of (slot, head, position) in a [slots * heads * length, head_dim] view: one index_copy_ per
-        # tensor, about half the time of the advanced-indexing write K[rows, :, pos] (18 against 32 us at 64 slots
-        # on 2 AVX2 cores; the same values).
-        slots, heads = self.k[0].shape[:2]
-        base = torch.arange(slots * heads, device=positions.device).view(slots, heads) * self.length
-        self.flat = (base + positions[:, None]).reshape(-1)
-
-    def at_prefill(self, slot, start, end):
-        """Slot `slot` writes keys for positions start..end-1 and reads positions 0..end-1."""
-        self.mode, self.slot, self.start, self.end = "prefill", slot, start, end
-
-    def at_packed(self, pieces):
-        """Several prompts in one sequence: pieces [(slot, start, end, past)] in the sequence; each writes its keys
-        to its slot from position `past` (0 for a whole prompt; after a copied shared prefix, its length) and
-        attention reads the sequence's own keys, or the slot's where the piece has a past (_sliced_sdpa)."""
-        self.mode, self.pieces = "packed", pieces
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        K, V = self.k[layer_idx], self.v[layer_idx]
-        if self.mode == "decode":  # key_states [slots, kv_heads, 1, head_dim]
-            d = K.shape[-1]
-            K.view(-1, d).index_copy_(0, self.flat, key_states.reshape(-1, d))
-            V.view(-1, d).index_copy_(0, self.flat, value_states.reshape(-1, d))
-            return K[:, :, : self.kv_len], V[:, :, : self.kv_len]
-        if self.mode == "packed":
-            for s, a, b, past in self.pieces:
-                K[s, :, past: past + b - a] = key_states[0, :, a:b]
-                V[s, :, past: past + b - a] = value_states[0, :, a:b]
-            return key_states, value_states
-        s = self.slot  # prefill: key_states [1, kv_heads, T, head_dim]
-        K[s, :, self.start: self.end] = key_states[0]
-        V[s, :, self.start: self.end] = value_states[0]
-        return K[s: s + 1, :, : self.end], V[s: s + 1, :, : self.end]
-
-    def keep(self, slots):
-        """Keep only these slots [tensor of slot indices], in this order: the batch shrinks once the queue is empty."""
-        self._relayout(self.length, slots)
-
-
 MIN_SHARED = 16  # a shared prefix shorter than this is prefilled with the rest of the prompt: not worth a copy
 
 
@@ -320,112 +183,6 @@ def _common_length(a, b):
             break
         n += 1
     return n
-
-
-SLICED_ATTENTION = "cotprune_sliced_sdpa"
-EXACT_ENV = "COTPRUNE_EXACT_ATTENTION"
-
-
-def exact_attention(dtype):
-    """Whether decode attention runs slot by slot (see Engine): EXACT_ENV 1 / 0, else in float32 only."""
-    import torch
-    forced = os.environ.get(EXACT_ENV, "").strip()
-    if forced not in ("", "0", "1"):
-        raise CotpruneError(f"{EXACT_ENV} must be 0 or 1 (or unset), got {forced!r}")
-    return forced == "1" if forced else dtype == torch.float32
-
-
-def _sliced_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None, cotprune_rows=None,
-                 cotprune_cache=None, **kwargs):
-    """transformers' sdpa attention on slices, each through the same call, on the same shapes, as alone:
-    - packed prefill, `cotprune_pieces` [(start, end, slot, past)] of the one sequence, attention_mask one causal
-      mask per piece: each prompt attends to its own keys (with a past: to its slot's first past + its own
-      positions in `cotprune_cache`) as when it is prefilled alone, so packing changes no bit;
-    - exact decode, `cotprune_rows` [n per slot]: each slot reads only its own n cached positions, in a call of
-      its own, as model.generate does for a prompt alone (see Engine.exact_attention)."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if cotprune_pieces is not None:
-        def kv(a, b, s, past):  # the keys a piece attends to: its own, or its slot's (written by update already)
-            if not past:
-                return key[:, :, a:b], value[:, :, a:b]
-            i, n = module.layer_idx, past + b - a
-            return cotprune_cache.k[i][s: s + 1, :, :n], cotprune_cache.v[i][s: s + 1, :, :n]
-        outs = [sdpa_attention_forward(module, query[:, :, a:b], *kv(a, b, s, past), mask, **kwargs)[0]
-                for (a, b, s, past), mask in zip(cotprune_pieces, attention_mask)]
-        return torch.cat(outs, dim=1), None  # [1, T, heads, head_dim], as sdpa_attention_forward returns
-    if cotprune_rows is not None:
-        if _direct_sdpa_ok(module, key, value, kwargs):
-            return _exact_decode(module, query, key, value, cotprune_rows, kwargs.get("scaling")), None
-        outs = [sdpa_attention_forward(module, query[s: s + 1], key[s: s + 1, :, :n], value[s: s + 1, :, :n], None,
-                                       **kwargs)[0] for s, n in enumerate(cotprune_rows)]
-        return torch.cat(outs), None  # [slots, 1, heads, head_dim]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _direct_sdpa_ok(module, key, value, kwargs):
-    """Whether _exact_decode makes the very call transformers' sdpa_attention_forward would make for a one-token
-    query with no mask: on the CPU or CUDA (where it then takes torch's grouped-query path), heads of at most 256,
-    no dropout, softcap, position bias or paged cache. Anything else goes through sdpa_attention_forward itself."""
-    if key.device.type not in ("cpu", "cuda") or not key.shape[-1] == value.shape[-1] <= 256:
-        return False
-    return not (kwargs.get("dropout") or kwargs.get("softcap") is not None or kwargs.get("output_attentions")
-                or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None)
-
-
-def _exact_decode(module, query, key, value, rows, scaling):
-    """Each slot's one-token attention over its own `rows[s]` cached positions, in a call of its own: the same
-    torch.nn.functional.scaled_dot_product_attention call sdpa_attention_forward makes for the slot alone (same
-    shapes and arguments, so the same bits), without its per-call Python (a fifth of exact decode attention at 64
-    slots on the CPU, measured). query [slots, heads, 1, d] -> [slots, 1, heads, d]."""
-    import torch
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    extra = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
-    out = query.new_empty(query.shape)
-    for s, n in enumerate(rows):
-        out[s] = sdpa(query[s: s + 1], key[s: s + 1, :, :n], value[s: s + 1, :, :n], attn_mask=None, dropout_p=0.0,
-                      scale=scaling, is_causal=False, **extra)[0]
-    return out.transpose(1, 2)
-
-
-BMM_ATTENTION = "cotprune_decode_bmm"
-
-
-def batched_attention(dtype, device):
-    """How decode attention runs when not slot by slot: 'bmm' (_decode_bmm) on the CPU in bfloat16, where torch's
-    sdpa kernel runs one-token queries over the slot cache 1.3-3x slower than two batched matmuls (bench/README.md);
-    'sdpa' elsewhere (float32 on the CPU: within -30..+20 %, measured; GPUs: sdpa's own kernels)."""
-    import torch
-    return "bmm" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
-
-
-def _decode_bmm(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """One-token attention for every slot as transformers' eager attention computes it (scores in the model's
-    dtype, the additive mask, softmax in float32, probabilities back in the model's dtype), batched over (slot,
-    KV head) with a group's query heads as rows, so GQA needs no repeated keys: query [slots, heads, 1, d], key and
-    value the whole contiguous cache [slots, kv_heads, length, d], attention_mask additive [slots, 1, length]."""
-    import torch
-    S, H, _, d = query.shape
-    kvh, L = key.shape[1], key.shape[2]
-    scores = torch.bmm(query.reshape(S * kvh, H // kvh, d), key.reshape(S * kvh, L, d).transpose(1, 2))
-    scores = scores.mul_(d ** -0.5 if scaling is None else scaling).view(S, H, L).add_(attention_mask)
-    p = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
-    out = torch.bmm(p.view(S * kvh, H // kvh, L), value.reshape(S * kvh, L, d))
-    return out.view(S, 1, H, d), None  # [slots, 1, heads, d], as the attention interface returns
-
-
-@contextlib.contextmanager
-def _attention(model, name):
-    """Run the model's attention through the registered function `name` within the block (restored after)."""
-    from transformers import AttentionInterface
-    AttentionInterface.register(SLICED_ATTENTION, _sliced_sdpa)
-    AttentionInterface.register(BMM_ATTENTION, _decode_bmm)
-    old = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = old
 
 
 def engine_supported(model):
@@ -525,7 +282,7 @@ class Engine:
         masks = [self._causal(past, len(ids)) for _, ids, past in items]
         self.cache.reserve(max(len(ids) for _, ids, _ in items))
         self.cache.at_packed(pieces)
-        with _attention(self.model, SLICED_ATTENTION):
+        with use_attention(self.model, SLICED_ATTENTION):
             h = self._blocks(self.inner.embed_tokens(x), pos, masks, cotprune_cache=self.cache,
                              cotprune_pieces=[(a, b, s, past) for s, a, b, past in pieces])
         return self.model.lm_head(h[0, ends]).float()
@@ -559,12 +316,12 @@ class Engine:
             self.cache.at_decode(positions, L)
             seen = torch.arange(L, device=self.device)[None, :] <= positions[:, None]
             mask = torch.zeros(len(positions), 1, L, dtype=self.dtype, device=self.device)
-            with _attention(self.model, BMM_ATTENTION):
+            with use_attention(self.model, BMM_ATTENTION):
                 h = self._blocks(x, pos, mask.masked_fill_(~seen[:, None], self.neg))
             return self.model.lm_head(h[:, 0]).float()
         self.cache.at_decode(positions, kv_len)
         if self.exact_attention:  # each slot reads exactly its own positions: no mask at all
-            with _attention(self.model, SLICED_ATTENTION):
+            with use_attention(self.model, SLICED_ATTENTION):
                 h = self._blocks(x, pos, None, cotprune_rows=(positions + 1).tolist())
             return self.model.lm_head(h[:, 0]).float()
         seen = torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None]

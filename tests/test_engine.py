@@ -4,8 +4,9 @@ import contextlib
 import pytest
 import torch
 
-from common.engine import (Engine, SlotCache, _exact_decode, decode, engine_supported, exact_attention, fast_linears,
-                           row_generator, run)
+from common.attention import _exact_decode, exact_attention
+from common.engine import Engine, decode, engine_supported, fast_linears, row_generator, run
+from common.kvcache import SlotCache
 from common.models import load_model, load_tokenizer
 
 
@@ -71,7 +72,7 @@ def test_bmm_decode_attention_gives_model_generates_tokens_as_the_cache_grows_an
     path = request.getfixturevalue(arch)
     tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
     monkeypatch.setattr("common.engine.batched_attention", lambda dtype, device: "bmm")
-    monkeypatch.setattr("common.engine.BUCKET", 4)
+    monkeypatch.setattr("common.kvcache.BUCKET", 4)
     monkeypatch.setenv("COTPRUNE_EXACT_ATTENTION", "0")
     lengths, reserve = [], SlotCache.reserve
 
@@ -110,7 +111,7 @@ def test_bmm_decode_attention_is_transformers_eager_attention(dtype):
     """_decode_bmm on random queries, a GQA cache and a ragged mask against transformers' eager_attention_forward
     (which repeats the KV heads): the same numbers up to the dtype's rounding of a different matmul shape."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
-    from common.engine import _decode_bmm
+    from common.attention import _decode_bmm
     g = torch.Generator().manual_seed(0)
     S, H, kvh, L, d = 5, 6, 2, 12, 8
     q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in ((S, H, 1, d), (S, kvh, L, d), (S, kvh, L, d)))
@@ -317,10 +318,10 @@ def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, r
     """Five prompts of different lengths decoded together in five slots (so every step reads the longest row's
     positions): with exact attention each slot's logits at every step equal model.generate's for that prompt alone,
     bit for bit, on the packed linears both sides use."""
-    import common.engine as engine
+    import common.attention as attention
     monkeypatch.delenv("COTPRUNE_EXACT_ATTENTION", raising=False)
     direct = []  # the direct sdpa calls must be what ran, not the fallback through transformers' wrapper
-    monkeypatch.setattr(engine, "_exact_decode", lambda *a: direct.append(1) or _exact_decode(*a))
+    monkeypatch.setattr(attention, "_exact_decode", lambda *a: direct.append(1) or _exact_decode(*a))
     path = request.getfixturevalue(arch)
     tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
     prompts, steps = prompts_of(tok, 5), 10
