@@ -46,7 +46,7 @@ def _sliced_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None
                 for (a, b, s, past), mask in zip(cotprune_pieces, attention_mask)]
         return torch.cat(outs, dim=1), None  # [1, T, heads, head_dim], as sdpa_attention_forward returns
     if cotprune_rows is not None:
-        if _direct_sdpa_ok(module, key, value, kwargs):
+        if _direct_sdpa_ok(key, value, kwargs):
             return _exact_decode(module, query, key, value, cotprune_rows, kwargs.get("scaling")), None
         outs = [sdpa_attention_forward(module, query[s: s + 1], key[s: s + 1, :, :n], value[s: s + 1, :, :n], None,
                                        **kwargs)[0] for s, n in enumerate(cotprune_rows)]
@@ -54,7 +54,7 @@ def _sliced_sdpa(module, query, key, value, attention_mask, cotprune_pieces=None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _direct_sdpa_ok(module, key, value, kwargs):
+def _direct_sdpa_ok(key, value, kwargs):
     """Whether _exact_decode makes the very call transformers' sdpa_attention_forward would make for a one-token
     query with no mask: on the CPU or CUDA (where it then takes torch's grouped-query path), heads of at most 256,
     no dropout, softcap, position bias or paged cache. Anything else goes through sdpa_attention_forward itself."""

@@ -313,15 +313,18 @@ def test_exact_attention_is_on_in_float32_off_in_bfloat16_and_can_be_forced(tiny
         Engine(bf16, 2, 8)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-sdpa", "through-transformers"])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
-def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, request, monkeypatch):
+def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, direct, request, monkeypatch):
     """Five prompts of different lengths decoded together in five slots (so every step reads the longest row's
     positions): with exact attention each slot's logits at every step equal model.generate's for that prompt alone,
     bit for bit, on the packed linears both sides use."""
     import common.attention as attention
     monkeypatch.delenv("COTPRUNE_EXACT_ATTENTION", raising=False)
-    direct = []  # the direct sdpa calls must be what ran, not the fallback through transformers' wrapper
-    monkeypatch.setattr(attention, "_exact_decode", lambda *a: direct.append(1) or _exact_decode(*a))
+    calls = []  # the direct sdpa calls must be what ran (or, forced off, the fallback through transformers' wrapper)
+    monkeypatch.setattr(attention, "_exact_decode", lambda *a: calls.append(1) or _exact_decode(*a))
+    if not direct:
+        monkeypatch.setattr(attention, "_direct_sdpa_ok", lambda *a: False)
     path = request.getfixturevalue(arch)
     tok, model = load_tokenizer(path), load_model(path, torch.device("cpu"), torch.float32)
     prompts, steps = prompts_of(tok, 5), 10
@@ -343,6 +346,6 @@ def test_exact_decode_logits_equal_model_generate_at_batch_1_bit_for_bit(arch, r
             pos += 1
             for g, lg in zip(got, logits):
                 g.append(lg)
-    assert len(direct) == (steps - 1) * model.config.num_hidden_layers
+    assert len(calls) == (steps - 1) * model.config.num_hidden_layers * direct
     for k, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(torch.stack(g), w), k
