@@ -68,15 +68,15 @@ def _exact_decode(module, query, key, value, rows, scaling):
     """Each slot's one-token attention over its own `rows[s]` cached positions, in a call of its own: the same
     torch.nn.functional.scaled_dot_product_attention call sdpa_attention_forward makes for the slot alone (same
     shapes and arguments, so the same bits), without its per-call Python (a fifth of exact decode attention at 64
-    slots on the CPU, measured). query [slots, heads, 1, d] -> [slots, 1, heads, d]."""
+    slots on the CPU, measured). The outputs are joined by one cat: writing each into a preallocated tensor cost
+    10-15 us a slot (a sixth of the loop at 64 slots of ~140 positions, 2 AVX2 cores).
+    query [slots, heads, 1, d] -> [slots, 1, heads, d]."""
     import torch
     sdpa = torch.nn.functional.scaled_dot_product_attention
     extra = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
-    out = query.new_empty(query.shape)
-    for s, n in enumerate(rows):
-        out[s] = sdpa(query[s: s + 1], key[s: s + 1, :, :n], value[s: s + 1, :, :n], attn_mask=None, dropout_p=0.0,
-                      scale=scaling, is_causal=False, **extra)[0]
-    return out.transpose(1, 2)
+    return torch.cat([sdpa(query[s: s + 1], key[s: s + 1, :, :n], value[s: s + 1, :, :n], attn_mask=None,
+                           dropout_p=0.0, scale=scaling, is_causal=False, **extra)
+                      for s, n in enumerate(rows)]).transpose(1, 2)
 
 
 BMM_ATTENTION = "cotprune_decode_bmm"
