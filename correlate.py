@@ -210,7 +210,6 @@ def correlation_table(rows, scores, base, styles, functional=False):
     and (functional) the agreement of keyword F with each functional measure across the models, on the problems
     that have both."""
     corr, inputs, versus, agree = {}, {}, {}, {}
-    models = [base] + [r["model"] for r in rows]
     for q in FUNCTIONAL_TARGETS if functional else []:
         # a heavily pruned model may have the measure on no problem (no answer to compare with): the correlation
         # runs over the pruned models that have it on at least MIN_SHARED problems, on the problems all of them do

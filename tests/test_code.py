@@ -1,6 +1,5 @@
 """The code task: the stdlib training set, generate.py --style code, score.py on HumanEval, recover.py on code,
 and the neuron report for code. The sandbox itself is tested in test_sandbox.py."""
-import gzip
 import importlib.util
 import json
 import math

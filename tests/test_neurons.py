@@ -45,6 +45,7 @@ def test_streamed_statistics_equal_one_pass():
     d.add(d_rows)
     (S1, mu_t, mu_d, sigma), S2 = calibrate.selectivity(one, d), calibrate.selectivity(two, d)[0]
     assert torch.allclose(S1, S2, atol=1e-6)
+    assert torch.allclose(mu_t, a.mean(0), atol=1e-6) and torch.allclose(mu_d, d_rows.mean(0), atol=1e-6)
     assert torch.allclose(sigma, torch.cat([a, d_rows]).std(0), atol=1e-6)  # brute force: torch's pooled std
     assert torch.allclose(S1, (a.mean(0) - d_rows.mean(0)) / (torch.cat([a, d_rows]).std(0) + 1e-6), atol=1e-5)
 
