@@ -15,7 +15,8 @@ packed linears (the same kernels, so identical outputs are expected by construct
 adds the engine with every prompt prefilled on its own; `--other-attention` the engine with the decode attention
 generate.py does not choose (batched in float32, slot by slot in bfloat16: what exactness costs); `--sdpa-decode`
 the engine with torch's sdpa as its batched decode attention where generate.py runs the batched matmuls (bfloat16
-on the CPU: what they buy).
+on the CPU: what they buy); `--modules-step` the engine with its decode steps through the model's own decoder
+modules instead of the written-out step of common/decodestep.py (what that buys).
 
 The bound: one decode step at batch B cannot beat the time of the model's own Linear layers (lm_head included) on a
 [B, in] input, measured here in the same dtype and with the same packing after every side (the best counts), so
@@ -59,10 +60,12 @@ def baseline(model, tok, prompts, batch_size, max_new, eos, pad, stops, cache):
     return outs
 
 
-def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_prompts=True, exact=None, bmm=None):
+def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_prompts=True, exact=None, bmm=None,
+         written_out=True):
     """Engine, as generate.py drives it: returns each row's new ids (pack_prompts False: every prompt prefilled
     alone, as before packed prefill; exact False / True: decode attention batched / slot by slot, bmm False: batched
-    through sdpa, not the batched matmuls; None: as generate.py chooses)."""
+    through sdpa, not the batched matmuls; None: as generate.py chooses; written_out False: decode steps through the
+    model's own modules, not common/decodestep.py)."""
     stop = stop_checker(tok, stops)
     eng = Engine(model, batch_size, max(map(len, prompts)) + max_new + 1)
     eng.pack_prompts = eng.pack_prompts and pack_prompts
@@ -71,13 +74,15 @@ def ours(model, tok, prompts, batch_size, max_new, eos, stops, stats, pack_promp
         eng.bmm_attention = eng.bmm_attention and not eng.exact_attention
     if bmm is not None:
         eng.bmm_attention = bmm and not eng.exact_attention
+    if not written_out:
+        eng.stepper = None
     outs = [None] * len(prompts)
     with fast_linears(model) as packed:  # packing the weights is part of the timed work
         for k, ids, _, _ in eng.generate([(k, p, None) for k, p in enumerate(prompts)], max_new, eos, stop):
             outs[k] = ids
     stats.update(eng.stats, packed=packed, exact=eng.exact_attention, resizes=eng.cache.resizes,
                  attention="slot by slot" if eng.exact_attention else "batched (bmm)" if eng.bmm_attention
-                 else "batched",
+                 else "batched", step="written out" if eng.stepper is not None else "modules",
                  mean_busy_slots=eng.stats["busy_slot_steps"] / max(eng.stats["decode_steps"], 1))
     return outs
 
@@ -161,6 +166,9 @@ def main():
     p.add_argument("--sdpa-decode", action="store_true",
                    help="also run the engine with sdpa as its batched decode attention where generate.py runs the "
                         "batched matmuls (what they buy)")
+    p.add_argument("--modules-step", action="store_true",
+                   help="also run the engine with its decode steps through the model's own decoder modules instead "
+                        "of the written-out step (what it buys)")
     p.add_argument("--profile", action="store_true",
                    help="only profile one decode step (chat, largest batch; with --sdpa-decode, both attentions)")
     args = p.parse_args()
@@ -188,7 +196,7 @@ def main():
                 probe = {c: time_it(lambda c=c: baseline(model, tok, case[:B], B, 16, eos, pad, stops, c))
                          for c in ("dynamic", "static")}
                 cache = min(probe, key=probe.get)
-                best, outs, stats, alone_stats, other_stats, sdpa_stats = {}, {}, {}, {}, {}, {}
+                best, outs, stats, alone_stats, other_stats, sdpa_stats, mod_stats = {}, {}, {}, {}, {}, {}, {}
                 sides = [("model.generate", lambda: baseline(model, tok, case, B, max_new, eos, pad, stops, cache)),
                          ("engine", lambda: ours(model, tok, case, B, max_new, eos, stops, stats))]
                 if args.prefill_alone:  # the engine with every prompt prefilled on its own: what packing saves
@@ -200,6 +208,9 @@ def main():
                 if args.sdpa_decode:  # the engine's batched decode attention through sdpa, not the matmuls
                     sides.append(("engine, sdpa decode", lambda: ours(model, tok, case, B, max_new, eos, stops,
                                                                        sdpa_stats, bmm=False)))
+                if args.modules_step:  # decode steps through the model's modules: what the written-out step buys
+                    sides.append(("engine, modules step", lambda: ours(model, tok, case, B, max_new, eos, stops,
+                                                                        mod_stats, written_out=False)))
                 if args.same_linears:  # model.generate on the packed linears: the same kernels, so the same bits
                     sides.append(("packed model.generate", lambda: packed_baseline(model, tok, case, B, max_new, eos,
                                                                                     pad, stops, cache)))
@@ -221,8 +232,8 @@ def main():
                       f"{bound:6.1f} tok/s ({gflops:.0f} GFLOP/s), engine at {rate['engine'] / bound:.0%} of it; "
                       f"busy slots {stats['mean_busy_slots']:.1f}, prefill "
                       f"{stats['prefill_seconds'] / best['engine']:.0%} of its time; packed linears "
-                      f"{stats.get('packed')}; decode attention {stats['attention']} ({stats['resizes']} cache "
-                      f"resizes); "
+                      f"{stats.get('packed')}; decode step {stats['step']}; decode attention {stats['attention']} "
+                      f"({stats['resizes']} cache resizes); "
                       f"identical outputs to "
                       + ", ".join(f"{k} {v}/{len(case)}" for k, v in same.items())
                       + (f"; packed model.generate {rate['packed model.generate']:.1f} tok/s"
@@ -233,7 +244,10 @@ def main():
                       + (f"; engine with decode attention {other_stats['attention']} "
                          f"{rate['engine, other attention']:.1f} tok/s" if other_stats else "")
                       + (f"; engine with decode attention {sdpa_stats['attention']} "
-                         f"{rate['engine, sdpa decode']:.1f} tok/s" if sdpa_stats else ""), flush=True)
+                         f"{rate['engine, sdpa decode']:.1f} tok/s" if sdpa_stats else "")
+                      + (f"; engine with the modules' decode step {rate['engine, modules step']:.1f} tok/s "
+                         f"(written out {rate['engine'] / rate['engine, modules step']:.2f}x)" if mod_stats else ""),
+                      flush=True)
 
 
 @contextlib.contextmanager
