@@ -338,6 +338,7 @@ def engine_summary(stats, wall):
         out.update(prefill_share=stats["prefill_seconds"] / wall, decode_share=stats["decode_seconds"] / wall,
                    decode_steps=stats["decode_steps"], mean_busy_slots=stats.get("mean_busy_slots"),
                    decode_attention=stats.get("decode_attention"),
+                   decode_step=stats.get("decode_step"),
                    shared_prefix_tokens=stats.get("shared_prefix_tokens"))
     return out
 

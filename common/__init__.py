@@ -11,6 +11,7 @@
     engine       the generation engine (continuous batching, static decode, packed linears)
     kvcache      the KV caches it writes in place (transformers' cache protocol)
     attention    the attention functions it registers with transformers (slot by slot, batched matmuls)
+    decodestep   its decode step for Llama-family layers, written out as their tensor operations
     stats        intervals and paired tests (numpy only)
     reports      what the study reports share: records in, estimates with intervals, paired comparisons, markdown
     studies      the RAC and neuron study reports (correlate.py --study rac | neurons)

@@ -52,20 +52,22 @@ def _rotate_half(x):
 
 
 class Stepper:
-    """The decoder blocks and the final norm on one token per slot, the model's weights read when it is made
-    (stacked copies of q/k/v and gate/up, one matmul each, where they keep the bits: _stacked_ok)."""
+    """The decoder blocks and the final norm on one token per slot. The stacked q/k/v and gate/up weights are
+    copies (packed where the linears are: 70 M parameters for SmolLM2), made at the first step on each kind of
+    linears, so the model's weights must not change while a Stepper is in use."""
 
     def __init__(self, model):
         import torch
         self.model, self.inner = model, model.model
         self.layers = list(self.inner.layers)
-        # Stacked weights [out_q + out_k + out_v, in] and [2 * intermediate, in]; biases stacked where there are any.
+        # Per layer, the projections run together: (stacked bias or None, output sizes, modules), q/k/v then gate/up.
         self.stacks = []
         for layer in self.layers:
             a, f = layer.self_attn, layer.mlp
             self.stacks.append([self._stack(torch, (a.q_proj, a.k_proj, a.v_proj)),
                                 self._stack(torch, (f.gate_proj, f.up_proj))])
-        self.packed = (None, None)  # (the pack function of the fast_linears block, the stacks it packed)
+        # (the pack function of fast_linears, or None for the default linears; the stacked weights for it)
+        self.weights = ("unset", None)
         self.ok = {}  # (packed?, rows) -> whether the stacked matmul gives the separate ones' bits
         self.eager = sys.modules[type(self.layers[0]).__module__].eager_attention_forward
 
@@ -74,24 +76,31 @@ class Stepper:
         biases = [m.bias for m in mods]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(mods, biases)])
-        return torch.cat([m.weight.detach() for m in mods]), bias, [m.out_features for m in mods], mods
+        return bias, [m.out_features for m in mods], mods
+
+    @staticmethod
+    def _stacked_weight(mods, pack):
+        """[out_1 + out_2 + ..., in]: the modules' weights stacked, packed by `pack` where given."""
+        import torch
+        W = torch.cat([m.weight.detach() for m in mods])
+        return W if pack is None else pack(W)
 
     def _project(self, i, which, x):
         """Layer i's q/k/v (which 0) or gate/up (which 1) outputs on x: one stacked matmul, or the modules."""
         import torch
-        W, b, sizes, mods = self.stacks[i][which]
+        b, sizes, mods = self.stacks[i][which]
         linear = getattr(self.model, LINEAR_ATTR, None)
         key = (linear is not None, x.shape[0] * x.shape[1])
         if key not in self.ok:
             self.ok[key] = self._stacked_ok(linear, x)
         if not self.ok[key]:
             return [m(x) for m in mods]
-        if linear is None:
-            return torch.nn.functional.linear(x, W, b).split(sizes, -1)
-        pack, apply = linear
-        if self.packed[0] is not pack:  # packed once per fast_linears block
-            self.packed = (pack, [[pack(s[0]) for s in pair] for pair in self.stacks])
-        return apply(x, self.packed[1][i][which], b).split(sizes, -1)
+        pack = None if linear is None else linear[0]
+        if self.weights[0] is not pack:  # once per kind of linears (per fast_linears block); one copy at a time
+            self.weights = (None, None)
+            self.weights = (pack, [[self._stacked_weight(s[2], pack) for s in pair] for pair in self.stacks])
+        W = self.weights[1][i][which]
+        return (torch.nn.functional.linear(x, W, b) if linear is None else linear[1](x, W, b)).split(sizes, -1)
 
     def _stacked_ok(self, linear, x):
         """Whether the stacked matmuls give every output the bits the separate modules give, on random rows of x's
@@ -99,9 +108,9 @@ class Stepper:
         import torch
         g = torch.Generator(device=x.device).manual_seed(0)
         probe = torch.randn(x.shape, generator=g, device=x.device).to(x.dtype)
-        for W, b, sizes, mods in self.stacks[0]:
-            Wp = W if linear is None else linear[0](W)
-            got = (torch.nn.functional.linear(probe, Wp, b) if linear is None else linear[1](probe, Wp, b))
+        for b, sizes, mods in self.stacks[0]:
+            W = self._stacked_weight(mods, None if linear is None else linear[0])
+            got = torch.nn.functional.linear(probe, W, b) if linear is None else linear[1](probe, W, b)
             if not all(torch.equal(o, m(probe)) for o, m in zip(got.split(sizes, -1), mods)):
                 return False
         return True

@@ -2,7 +2,8 @@
 
 This is the code that leans on library internals (the decoder blocks' call, private torch.ops.mkldnn ops), kept in
 one room so that an upgrade breaks one file; its caches are in common/kvcache.py, its attention functions in
-common/attention.py. Each fast path checks itself and steps aside where it cannot run.
+common/attention.py, its written-out decode step in common/decodestep.py. Each fast path checks itself and steps
+aside where it cannot run.
 
     Engine          continuous batching: a fixed number of slots; a finished row's slot takes the next prompt at once
     decode          static batches through the model's own forward (the fallback for architectures Engine does not

@@ -62,14 +62,20 @@ def test_projections_that_would_change_bits_are_not_stacked(tiny_llama, monkeypa
     assert set(eng.stepper.ok.values()) == {False} and torch.equal(got, want)
 
 
-def test_the_stacking_probe_sees_a_changed_bit(tiny_llama):
+def test_the_stacking_probe_sees_a_changed_bit(tiny_llama, monkeypatch):
     """The probe compares the stacked matmul with the modules: a stacked weight one ulp off must fail it."""
     model = load_model(tiny_llama, torch.device("cpu"), torch.float32)
     stepper = Stepper(model)
     x = torch.zeros(4, 1, model.config.hidden_size)
     assert stepper._stacked_ok(None, x)
-    W = stepper.stacks[0][1][0]
-    W[-1, 0] = torch.nextafter(W[-1, 0], W[-1, 0] + 1)  # the up projection's last row, first input
+    stacked = Stepper._stacked_weight
+
+    def one_ulp_off(mods, pack):  # the gate/up stack with the up projection's last row, first input, one ulp up
+        W = stacked(mods, pack)
+        if len(mods) == 2:
+            W[-1, 0] = torch.nextafter(W[-1, 0], W[-1, 0] + 1)
+        return W
+    monkeypatch.setattr(Stepper, "_stacked_weight", staticmethod(one_ulp_off))
     assert not stepper._stacked_ok(None, x)
 
 

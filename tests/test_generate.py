@@ -71,6 +71,7 @@ def test_generate_stage_outputs_and_summary(tmp_path, tiny_llama):
     summary = json.loads((tmp_path / "gen.summary.json").read_text())
     assert summary["n"] == 6 and summary["new_tokens"] == sum(r["new_tokens"] for r in recs)
     assert 0 < summary["nonzero_params"] <= summary["params"] and summary["tokens_per_s"] > 0
+    assert summary["engine"] == "continuous" and summary["decode_step"] == "written out"
 
 
 def test_interrupted_run_resumes_without_repeating(tmp_path, tiny_llama, monkeypatch):
