@@ -34,6 +34,8 @@ def stepper_supported(model):
             return False, f"{name} with another norm"
         if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in layer.modules()):
             return False, "the decoder layers carry hooks (offloading, adapters) the written-out step would skip"
+        if not hasattr(sys.modules[type(layer).__module__], "eager_attention_forward"):
+            return False, f"{name}'s module has no eager_attention_forward (another transformers version?)"
     return True, ""
 
 
