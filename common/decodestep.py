@@ -2,7 +2,7 @@
 
 transformers' decoder layer makes about fifteen module calls a layer (two norms, seven projections, the attention
 and MLP modules, the activation) around a few dozen tensor operations; at one token per slot on the CPU the calls
-and the separate projections are a tenth of a decode step for a 135M model (bench/README.md). Stepper makes the
+and the separate projections cost 4-10 % of a decode step for a 135M model (docs/methods.md). Stepper makes the
 same tensor operations in the same order as transformers 5's LlamaDecoderLayer, LlamaAttention, LlamaRMSNorm,
 LlamaMLP and apply_rotary_pos_emb (Qwen2's and Mistral's are the same code), so a row keeps its bits (tested against
 model.generate), with one change that keeps them too: the q, k and v projections run as one matmul on their stacked
@@ -59,22 +59,21 @@ class Stepper:
     linears, so the model's weights must not change while a Stepper is in use."""
 
     def __init__(self, model):
-        import torch
         self.model, self.inner = model, model.model
         self.layers = list(self.inner.layers)
         # Per layer, the projections run together: (stacked bias or None, output sizes, modules), q/k/v then gate/up.
         self.stacks = []
         for layer in self.layers:
             a, f = layer.self_attn, layer.mlp
-            self.stacks.append([self._stack(torch, (a.q_proj, a.k_proj, a.v_proj)),
-                                self._stack(torch, (f.gate_proj, f.up_proj))])
+            self.stacks.append([self._stack((a.q_proj, a.k_proj, a.v_proj)), self._stack((f.gate_proj, f.up_proj))])
         # (the pack function of fast_linears, or None for the default linears; the stacked weights for it)
         self.weights = ("unset", None)
         self.ok = {}  # (packed?, rows) -> whether the stacked matmul gives the separate ones' bits
         self.eager = sys.modules[type(self.layers[0]).__module__].eager_attention_forward
 
     @staticmethod
-    def _stack(torch, mods):
+    def _stack(mods):
+        import torch
         biases = [m.bias for m in mods]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else m.weight.new_zeros(m.out_features) for m, b in zip(mods, biases)])
@@ -98,8 +97,8 @@ class Stepper:
         if not self.ok[key]:
             return [m(x) for m in mods]
         pack = None if linear is None else linear[0]
-        if self.weights[0] is not pack:  # once per kind of linears (per fast_linears block); one copy at a time
-            self.weights = (None, None)
+        if self.weights[0] is not pack:  # once per kind of linears (per fast_linears block)
+            self.weights = (None, None)  # the old copy goes before the new one is made: one copy at a time
             self.weights = (pack, [[self._stacked_weight(s[2], pack) for s in pair] for pair in self.stacks])
         W = self.weights[1][i][which]
         return (torch.nn.functional.linear(x, W, b) if linear is None else linear[1](x, W, b)).split(sizes, -1)

@@ -252,8 +252,8 @@ class Engine:
         self.exact_attention = exact_attention(self.dtype) and self.sdpa
         # Otherwise one batched call: _decode_bmm where it is faster (batched_attention), else the model's own.
         self.bmm_attention = not self.exact_attention and batched_attention(self.dtype, self.device) == "bmm"
-        # Decode steps through the written-out decoder layers where they are ones it knows (the same bits, ~10 %
-        # faster on the CPU), else through the model's modules; prefill always through the modules.
+        # Decode steps through the written-out decoder layers where they are ones it knows (the same bits; a step
+        # 4-10 %, a run ~5 % faster on 2 Zen 4 cores), else through the model's modules; prefill always through them.
         self.stepper = Stepper(model) if stepper_supported(model)[0] else None
 
     def _blocks(self, h, position_ids, mask, **extra):
