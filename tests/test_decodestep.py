@@ -11,9 +11,9 @@ from test_engine import check_engine_against_generate, prompts_of
 
 
 def step_logits(model, prompts, steps, written_out, exact=None):
-    """Every decode step's logits [steps, slots, V] of an engine with one slot per prompt, through the written-out
-    step or the model's modules; the next tokens are the argmax of the modules' own run (passed in by the caller
-    through `written_out` runs reading the same tokens: both sides decode the same token sequence)."""
+    """The prefill's and then every decode step's logits [1 + steps, slots, V] of an engine with one slot per prompt,
+    through the written-out step or the model's modules. The tokens fed are drawn at random from a fixed seed, so
+    both sides read the same tokens whatever they compute."""
     eng = Engine(model, len(prompts), max(map(len, prompts)) + steps + 1)
     if exact is not None:
         eng.exact_attention, eng.bmm_attention = exact, False
@@ -23,7 +23,7 @@ def step_logits(model, prompts, steps, written_out, exact=None):
     out = [torch.stack([lg for lg in eng.prefill_packed([(s, p, 0) for s, p in enumerate(prompts)])])]
     pos = torch.tensor([len(p) for p in prompts])
     g = torch.Generator().manual_seed(1)
-    for _ in range(steps):  # tokens drawn at random (seeded), so both sides read the same ones whatever they compute
+    for _ in range(steps):
         tokens = torch.randint(0, model.config.vocab_size, (len(prompts),), generator=g)
         out.append(eng._step(tokens, pos, int(pos.max()) + 1))
         pos += 1
