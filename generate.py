@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from common.chat import chat_prompt
 from common.cli import ArgumentParser, CotpruneError, count, log, non_negative, run_cli, share
-from common.engine import Engine, default_slots, engine_supported, eos_token_ids, fast_linears, row_generator, run
+from common.engine import (ENGINE_ENV, Engine, default_slots, engine_supported, eos_token_ids, fast_linears,
+                           row_generator, run)
 from common.interventions import ANSWER_CUE, plan
 from common.files import JsonlAppender, check_output_file, read_jsonl, require_fields, write_json, write_jsonl
 from common.models import load_model, load_tokenizer, model_source, resolved_model
@@ -297,7 +298,9 @@ def main(argv=None):
         if stats.get("decode_steps"):
             stats["mean_busy_slots"] = stats["busy_slot_steps"] / stats["decode_steps"]
     if stats.get("engine") == "static":
-        log(f"static batches through the model's own forward: the engine cannot drive it ({stats['engine_reason']})")
+        why = stats["engine_reason"]
+        log("static batches through the model's own forward: " + (f"{why} asks for them" if why.startswith(
+            ENGINE_ENV) else f"the engine cannot drive it ({why})"))
     records = sorted((r for r in out.records if r["id"] in order), key=lambda r: order[r["id"]])
     out.finish(records)
     summary = summarize(records, args.model, "intervene" if args.intervene else args.style, runtime,

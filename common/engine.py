@@ -17,6 +17,7 @@ import os
 import time
 
 from common.attention import BMM_ATTENTION, SLICED_ATTENTION, batched_attention, exact_attention, use_attention
+from common.cli import CotpruneError
 from common.decodestep import LINEAR_ATTR, Stepper, stepper_supported
 from common.kvcache import SlotCache, preallocated_cache
 from common.runtime import BF16_ENV
@@ -501,14 +502,26 @@ def default_slots(model, capacity, device):
     return max(1, min(cap, int(free / 4 // per_slot)))
 
 
+ENGINE_ENV = "COTPRUNE_ENGINE"  # static: every run in static batches, as before continuous batching (for A/B timing)
+
+
+def forced_static():
+    """Whether ENGINE_ENV asks for static batches (`static`) rather than the engine (`continuous`, or unset)."""
+    forced = os.environ.get(ENGINE_ENV, "").strip()
+    if forced not in ("", "continuous", "static"):
+        raise CotpruneError(f"{ENGINE_ENV} must be continuous or static (or unset), got {forced!r}")
+    return forced == "static"
+
+
 def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0,
         stats=None):
     """Generate for [(key, prompt ids, generator or None[, shared prefix ids])] (Engine.generate) and yield (key, ids,
     reason, seconds) as rows finish:
     through Engine where it can drive the model, else in static batches of `slots` through decode() (sampled rows
-    then share one generator per batch). `stats` (a dict) receives the engine's counters and which path ran."""
+    then share one generator per batch), as also where ENGINE_ENV is `static`. `stats` (a dict) receives the
+    engine's counters and which path ran."""
     stats = {} if stats is None else stats
-    ok, why = engine_supported(model)
+    ok, why = (False, f"{ENGINE_ENV}=static") if forced_static() else engine_supported(model)
     if not requests:
         return
     if ok:

@@ -200,6 +200,28 @@ def test_models_the_engine_cannot_drive_take_the_static_path(tiny_llama, monkeyp
     assert stats["engine"] == "static" and [g[1] for g in got] == [ids for ids, _ in static]
 
 
+def test_cotprune_engine_static_forces_the_static_path_and_a_bad_value_is_refused(tiny_llama, monkeypatch):
+    """COTPRUNE_ENGINE=static (the before/after timing of make all) sends a model the engine could drive through
+    static batches, with decode()'s tokens; `continuous` or unset keeps the engine; anything else is one error."""
+    from common.cli import CotpruneError
+    tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
+    prompts = prompts_of(tok, 5)
+    requests = [(k, p, None) for k, p in enumerate(prompts)]
+    static = decode(model, prompts[:2], 6, {-1}, tok.pad_token_id) + decode(model, prompts[2:4], 6, {-1},
+                                                                            tok.pad_token_id)
+    for value, engine in (("static", "static"), ("continuous", "continuous"), ("", "continuous")):
+        monkeypatch.setenv("COTPRUNE_ENGINE", value)
+        stats = {}
+        got = list(run(model, requests[:4], 6, {-1}, tok.pad_token_id, 2, stats=stats))
+        assert stats["engine"] == engine
+        if engine == "static":
+            assert stats["engine_reason"] == "COTPRUNE_ENGINE=static"
+            assert [g[1] for g in got] == [ids for ids, _ in static]
+    monkeypatch.setenv("COTPRUNE_ENGINE", "fast")
+    with pytest.raises(CotpruneError, match="COTPRUNE_ENGINE must be continuous or static"):
+        next(run(model, requests, 6, {-1}, tok.pad_token_id, 2))
+
+
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen"])
 def test_packed_prefill_equals_prompts_prefilled_alone(arch, request):
     """Several prompts prefilled in one packed pass give each slot the same keys, values and last-position logits,
