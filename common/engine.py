@@ -90,12 +90,12 @@ def fast_linears(model):
     linear = lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     for m in mods:
         m.forward = lambda x, w=pack(m.weight), b=m.bias: linear(x, w, b)
-    model.cotprune_row_invariant_linears = True  # the probe checked it; Engine packs float32 prompts only then
-    setattr(model, LINEAR_ATTR, (pack, linear))  # for the written-out decode step's stacked projections
+    # Read by the written-out decode step (its stacked projections) and by Engine, which packs float32 prompts only
+    # on these linears: the probe checked that they give a row the same bits alone and among others.
+    setattr(model, LINEAR_ATTR, (pack, linear))
     try:
         yield True
     finally:
-        del model.cotprune_row_invariant_linears
         delattr(model, LINEAR_ATTR)
         for m in mods:
             del m.forward  # back to nn.Linear.forward
@@ -430,8 +430,7 @@ class Engine:
             if pack:
                 out.extend((s, lg[None]) for (s, *_), lg in zip(pack, self.prefill_packed(pack)))
                 pack.clear()
-        pack_ok = self.pack_prompts and (self.dtype != torch.float32
-                                         or getattr(self.model, "cotprune_row_invariant_linears", False))
+        pack_ok = self.pack_prompts and (self.dtype != torch.float32 or hasattr(self.model, LINEAR_ATTR))
 
         def prefill_all(items):  # [(slot, ids, past)]: packed where it may, else alone
             for s, ids, past in items:

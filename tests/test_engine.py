@@ -310,12 +310,17 @@ def test_a_prefix_only_one_row_has_is_not_prefilled_apart(tiny_llama, monkeypatc
 
 
 def test_float32_prompts_are_not_packed_on_linears_that_are_not_row_invariant(tiny_llama, monkeypatch):
-    """Without the packed (row-invariant) linears a float32 engine prefills each prompt alone."""
+    """Without the packed (row-invariant) linears a float32 engine prefills each prompt alone; on them (where the
+    probe lets fast_linears pack) it packs them."""
     tok, model = load_tokenizer(tiny_llama), load_model(tiny_llama, torch.device("cpu"), torch.float32)
-    calls = []
-    monkeypatch.setattr(Engine, "prefill_packed", lambda self, items: calls.append(items))
-    list(run(model, [(k, p, None) for k, p in enumerate(prompts_of(tok, 4))], 3, set(), tok.pad_token_id, 4))
+    calls, packed_prefill = [], Engine.prefill_packed
+    monkeypatch.setattr(Engine, "prefill_packed", lambda self, items: calls.append(1) or packed_prefill(self, items))
+    requests = [(k, p, None) for k, p in enumerate(prompts_of(tok, 4))]
+    list(run(model, requests, 3, set(), tok.pad_token_id, 4))
     assert calls == []
+    with fast_linears(model) as used:
+        list(run(model, requests, 3, set(), tok.pad_token_id, 4))
+    assert bool(calls) == used
 
 
 def test_exact_attention_is_on_in_float32_off_in_bfloat16_and_can_be_forced(tiny_llama, monkeypatch):
