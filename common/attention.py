@@ -8,9 +8,8 @@ so that float32 rows keep model.generate's bits); kept in one room so that an up
     use_attention       run a model's attention through one of them within a block
 """
 import contextlib
-import os
 
-from common.cli import CotpruneError
+from common.cli import env_choice
 
 
 SLICED_ATTENTION = "cotprune_sliced_sdpa"
@@ -20,9 +19,7 @@ EXACT_ENV = "COTPRUNE_EXACT_ATTENTION"
 def exact_attention(dtype):
     """Whether decode attention runs slot by slot (see Engine): EXACT_ENV 1 / 0, else in float32 only."""
     import torch
-    forced = os.environ.get(EXACT_ENV, "").strip()
-    if forced not in ("", "0", "1"):
-        raise CotpruneError(f"{EXACT_ENV} must be 0 or 1 (or unset), got {forced!r}")
+    forced = env_choice(EXACT_ENV, ("0", "1"))
     return forced == "1" if forced else dtype == torch.float32
 
 

@@ -1,6 +1,7 @@
 """What every stage's command line shares: one-line errors, argparse with parse-time number checks, stderr logs.
 
     CotpruneError   a problem the user can fix: printed as one line, exit status 2, no traceback
+    env_choice      an environment switch's value, one of its choices or '' when unset (else CotpruneError)
     run_cli         runs a stage's main(): one-line errors, Ctrl-C and SIGTERM unwind, `| head` stays quiet
     ArgumentParser  argparse whose usage errors are one line; count / positive / non_negative / positive_float /
                     share check numbers (finite, in range) at parse time
@@ -13,6 +14,15 @@ import sys
 
 class CotpruneError(Exception):
     """A problem the user can fix; printed as one line without a traceback."""
+
+
+def env_choice(name, choices):
+    """The environment variable `name`, stripped: '' when unset or empty, else one of `choices` (a CotpruneError
+    naming the variable and what it may be otherwise)."""
+    value = os.environ.get(name, "").strip()
+    if value and value not in choices:
+        raise CotpruneError(f"{name} must be {' or '.join(choices)} (or unset), got {value!r}")
+    return value
 
 
 def log(*parts):

@@ -17,7 +17,7 @@ import os
 import time
 
 from common.attention import BMM_ATTENTION, SLICED_ATTENTION, batched_attention, exact_attention, use_attention
-from common.cli import CotpruneError
+from common.cli import env_choice
 from common.decodestep import LINEAR_ATTR, Stepper, stepper_supported
 from common.kvcache import SlotCache, preallocated_cache
 from common.runtime import BF16_ENV
@@ -506,10 +506,7 @@ ENGINE_ENV = "COTPRUNE_ENGINE"  # static: every run in static batches, as before
 
 def forced_static():
     """Whether ENGINE_ENV asks for static batches (`static`) rather than the engine (`continuous`, or unset)."""
-    forced = os.environ.get(ENGINE_ENV, "").strip()
-    if forced not in ("", "continuous", "static"):
-        raise CotpruneError(f"{ENGINE_ENV} must be continuous or static (or unset), got {forced!r}")
-    return forced == "static"
+    return env_choice(ENGINE_ENV, ("continuous", "static")) == "static"
 
 
 def run(model, requests, max_new_tokens, eos_ids, pad_id, slots, stop_fn=None, temperature=0.0, top_k=0, top_p=1.0,

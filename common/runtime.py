@@ -10,7 +10,7 @@ import random
 import resource
 import time
 
-from common.cli import CotpruneError, log
+from common.cli import CotpruneError, env_choice, log
 
 
 def resolve_device(name="auto"):
@@ -98,12 +98,10 @@ def cpu_bf16():
     """
     global _CPU_BF16
     if _CPU_BF16 is None:
-        forced = os.environ.get(BF16_ENV, "").strip()
+        forced = env_choice(BF16_ENV, ("0", "1"))
         flags = cpu_flags()
-        if forced in ("0", "1"):
+        if forced:
             _CPU_BF16 = forced == "1", f"{BF16_ENV}={forced}"
-        elif forced:
-            raise CotpruneError(f"{BF16_ENV} must be 0 or 1 (or unset), got {forced!r}")
         elif cap := next((f"{k}={os.environ[k]}" for k in ISA_ENVS if os.environ.get(k, "").strip()), None):
             fast, ratio = _bf16_probe()
             _CPU_BF16 = fast, (f"{cap} caps oneDNN: a timed probe found bfloat16 matmuls {ratio:.2f}x the speed of "
